@@ -1,0 +1,1 @@
+"""Files shipped with cirgen (installed as the package `cirgen_assets`)."""

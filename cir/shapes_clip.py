@@ -1,0 +1,342 @@
+"""Train and measure shapes-CLIP: a small open_clip model learned from scratch on the shapes world.
+
+Training is plain CLIP (open_clip's contrastive loss) on an endless, seeded stream of rendered
+scenes and their training-phrase captions. Half of each batch are pairs one faithful edit apart
+(same poses, one attribute changed), so colour alone never separates a batch and shape, size and
+position must be learned. The data of step k depends only on (seed, k): a resumed run sees exactly
+the batches an uninterrupted run sees.
+
+Evaluation uses held-out scenes (a hash partition of the scene space never sampled in training)
+described with the held-out phrase set.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, _register_shapes_config, compact_state_dict,
+                                 init_token_table)
+from datagen.world.editor import sample_edit
+from datagen.world.phrases import load_phrases
+from datagen.world.render import RenderConfig, render
+from datagen.world.scene import BACKGROUNDS, CELLS, COLORS, SHAPES, SIZES, Scene, random_obj, sample_scene
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 200
+    pair_fraction: float = 0.5       # share of the batch made of one-edit-apart scene pairs
+    min_objects: int = 1
+    max_objects: int = 4
+    resolution: int = 128            # rendered size; the model's preprocess resizes to 64
+    ckpt_every: int = 200
+    eval_every: int = 1000
+    eval_scenes: int = 300
+    threads: int = 2
+    loader_workers: int = 1
+
+
+# ----------------------------------------------------------------------------- data
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item k is the whole batch of step k: images [B,3,64,64] and tokens [B,ctx]."""
+
+    def __init__(self, cfg: PretrainConfig, preprocess, tokenizer):
+        self.cfg, self.preprocess, self.tokenizer = cfg, preprocess, tokenizer
+        self.phrases = load_phrases("train")
+        self.render_cfg = RenderConfig(resolution=cfg.resolution)
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int):
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step])
+        n_pairs = int(cfg.batch_size * cfg.pair_fraction) // 2
+        scenes: list[Scene] = []
+        for _ in range(n_pairs):
+            s = sample_scene(rng, cfg.min_objects, cfg.max_objects, split="train")
+            for _try in range(8):
+                t = sample_edit(s, rng, self.phrases, cfg.max_objects).target
+                if t != s and not _heldout(t):
+                    break
+            scenes += [s, t]
+        while len(scenes) < cfg.batch_size:
+            scenes.append(sample_scene(rng, cfg.min_objects, cfg.max_objects, split="train"))
+        captions = [self.phrases.caption(s, rng) for s in scenes]
+        images = torch.stack([self.preprocess(render(s, int(rng.integers(2**31)), self.render_cfg))
+                              for s in scenes])
+        return images, self.tokenizer(captions)
+
+
+def _heldout(scene: Scene) -> bool:
+    from datagen.world.scene import is_heldout
+
+    return is_heldout(scene)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(seed: int):
+    """shapes-CLIP with random weights; the token table from the recorded seed (see clip_loader)."""
+    import open_clip
+
+    _register_shapes_config()
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(SHAPES_CLIP, pretrained=None)
+    with torch.no_grad():
+        w = model.token_embedding.weight
+        w.copy_(init_token_table(w.shape[0], w.shape[1], seed))
+    return model, preprocess, open_clip.get_tokenizer(SHAPES_CLIP)
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # The token table stays out of weight decay so untrained rows remain exactly at init
+        # (that is what lets the shipped file store only the trained rows).
+        if p.ndim < 2 or "token_embedding" in name or "embedding" in name or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
+    """Train shapes-CLIP into `out/` (resumable: rerun with the same config to continue)."""
+    from open_clip.loss import ClipLoss
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    cfg_path, state_path = out / "config.json", out / "state.pt"
+    if cfg_path.exists():
+        prev = json.loads(cfg_path.read_text())
+        if prev != asdict(cfg):
+            raise ValueError(f"{out} holds a run with a different config; use a new --out")
+    else:
+        cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+
+    model, preprocess, tokenizer = build_model(cfg.seed)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    start, elapsed = 0, 0.0
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, elapsed = int(st["step"]), float(st["elapsed"])
+        log(f"resuming at step {start}")
+    loss_fn = ClipLoss()
+    data = _StepBatches(cfg, preprocess, tokenizer)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=range(start, cfg.steps), num_workers=cfg.loader_workers,
+        prefetch_factor=4 if cfg.loader_workers else None, persistent_workers=False)
+    metrics_f = open(out / "metrics.jsonl", "a")
+    model.train()
+    t0 = time.time() - elapsed
+    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain shapes-clip", unit="step")
+    step = start
+    for images, tokens in loader:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        img_f, txt_f, scale = model(images, tokens)
+        loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        rec = {"step": step, "loss": round(loss.item(), 5), "lr": _lr_at(step - 1, cfg),
+               "seconds": round(time.time() - t0, 1)}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            ev = evaluate(LoadedClip(model, preprocess, tokenizer, SHAPES_CLIP, "training"),
+                          n_scenes=cfg.eval_scenes, seed=12345)
+            model.train()
+            rec["eval"] = ev
+            log(json.dumps({"step": step, **ev}))
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                                "elapsed": time.time() - t0}, state_path)
+    bar.close()
+    metrics_f.close()
+    return export(model, cfg.seed, out / "shapes-clip.safetensors",
+                  {"steps": str(cfg.steps), "train_seconds": f"{time.time() - t0:.0f}"})
+
+
+def export(model, seed: int, path: Path, extra_meta: dict | None = None) -> Path:
+    """Write the compact fp16 safetensors file that `load_clip("shapes-clip")` reads."""
+    from safetensors.torch import save_file
+
+    tensors, meta = compact_state_dict(model.state_dict(), seed, dtype=torch.float16)
+    meta.update(extra_meta or {})
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def _encode_images(clip: LoadedClip, images, batch: int = 256) -> torch.Tensor:
+    feats = []
+    for i in range(0, len(images), batch):
+        x = torch.stack([clip.preprocess(im) for im in images[i:i + batch]])
+        feats.append(clip.model.encode_image(x, normalize=True))
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def _encode_texts(clip: LoadedClip, texts, batch: int = 512) -> torch.Tensor:
+    feats = [clip.model.encode_text(clip.tokenizer(texts[i:i + batch]), normalize=True)
+             for i in range(0, len(texts), batch)]
+    return torch.cat(feats)
+
+
+def _probe_candidates(scene: Scene, attr: str, rng: np.random.Generator, max_objects: int):
+    """Scenes that differ from `scene` in one attribute only; index 0 is the true scene."""
+    objs = list(scene.objects)
+    i = int(rng.integers(len(objs)))
+    o = objs[i]
+
+    def swap(**kw):
+        from dataclasses import replace
+        return scene.with_objects(objs[:i] + [replace(o, **kw)] + objs[i + 1:])
+
+    if attr == "color":
+        return [scene] + [swap(color=c) for c in COLORS if c != o.color]
+    if attr == "shape":
+        return [scene] + [swap(shape=s) for s in SHAPES if s != o.shape]
+    if attr == "size":
+        return [scene] + [swap(size=s) for s in SIZES if s != o.size]
+    if attr == "position":
+        return [scene] + [swap(cell=c) for c in scene.free_cells]
+    if attr == "background":
+        from dataclasses import replace
+        return [scene] + [replace(scene, background=b) for b in BACKGROUNDS if b != scene.background]
+    if attr == "count":
+        cands = [scene]
+        if len(objs) > 1:
+            cands.append(scene.with_objects(objs[:i] + objs[i + 1:]))
+        if scene.free_cells and len(objs) < max_objects:
+            cands.append(scene.with_objects(objs + [random_obj(rng, int(rng.choice(scene.free_cells)))]))
+        return cands
+    raise ValueError(attr)
+
+
+PROBE_ATTRS = ("color", "shape", "size", "position", "count", "background")
+
+
+def evaluate(clip: LoadedClip, n_scenes: int = 1000, seed: int = 12345, split: str = "heldout",
+             max_objects: int = 4) -> dict:
+    """Text->image retrieval (description-level top-1 / R@5) and per-attribute zero-shot probes."""
+    rng = np.random.default_rng(seed)
+    phrases = load_phrases(split)
+    scenes = [sample_scene(rng, 1, max_objects, split="heldout") for _ in range(n_scenes)]
+    images = [render(s, int(rng.integers(2**31))) for s in scenes]
+    captions = [phrases.caption(s, rng) for s in scenes]
+    img = _encode_images(clip, images)
+    txt = _encode_texts(clip, captions)
+    sims = txt @ img.T
+    top = sims.topk(5, dim=1).indices
+    keys = [s.key() for s in scenes]
+    hit1 = np.mean([keys[int(top[q, 0])] == keys[q] for q in range(n_scenes)])
+    hit5 = np.mean([any(keys[int(j)] == keys[q] for j in top[q]) for q in range(n_scenes)])
+    by_n = {}
+    for n in range(1, max_objects + 1):
+        qs = [q for q in range(n_scenes) if len(scenes[q].objects) == n]
+        if qs:
+            by_n[str(n)] = round(float(np.mean([keys[int(top[q, 0])] == keys[q] for q in qs])), 4)
+    probes = {}
+    for attr in PROBE_ATTRS:
+        correct, total = 0, 0
+        for q, s in enumerate(scenes):
+            cands = _probe_candidates(s, attr, rng, max_objects)
+            if len(cands) < 2:
+                continue
+            cseed = int(rng.integers(2**31))
+            texts = [phrases.caption(c, np.random.default_rng(cseed)) for c in cands]
+            scores = _encode_texts(clip, texts) @ img[q]
+            correct += int(scores.argmax()) == 0
+            total += 1
+        probes[attr] = round(correct / max(total, 1), 4)
+    return {"t2i_top1": round(float(hit1), 4), "t2i_r5": round(float(hit5), 4),
+            "t2i_top1_by_objects": by_n, "probe": probes, "n_scenes": n_scenes, "phrases": split}
+
+
+def pair_similarities(clip: LoadedClip, n_pairs: int = 500, seed: int = 777) -> dict:
+    """Image-image similarity of faithful edit pairs vs re-sampled pairs; directional similarity."""
+    rng = np.random.default_rng(seed)
+    phrases = load_phrases("heldout")
+    src, tgt, rnd, cs, ct = [], [], [], [], []
+    for _ in range(n_pairs):
+        s = sample_scene(rng, 1, 4, split="heldout")
+        e = sample_edit(s, rng, phrases)
+        src.append(render(s, int(rng.integers(2**31))))
+        tgt.append(render(e.target, int(rng.integers(2**31))))
+        n = len(e.target.objects)
+        rnd.append(render(sample_scene(rng, n, n), int(rng.integers(2**31))))
+        cs.append(phrases.caption(s, rng))
+        ct.append(phrases.caption(e.target, rng))
+    a, b, r = _encode_images(clip, src), _encode_images(clip, tgt), _encode_images(clip, rnd)
+    ta, tb = _encode_texts(clip, cs), _encode_texts(clip, ct)
+    faithful = (a * b).sum(1)
+    resampled = (a * r).sum(1)
+    direction = torch.nn.functional.cosine_similarity(b - a, tb - ta, dim=1)
+
+    def stats(x):
+        x = x.numpy()
+        return {"mean": round(float(x.mean()), 4), "std": round(float(x.std()), 4),
+                "p05": round(float(np.quantile(x, 0.05)), 4), "p95": round(float(np.quantile(x, 0.95)), 4)}
+
+    return {"image_image_faithful": stats(faithful), "image_image_resampled": stats(resampled),
+            "directional_faithful": stats(direction),
+            "separation_auc": round(float((faithful[:, None] > resampled[None, :]).float().mean()), 4)}
+
+
+def load_pretrain_recipe(name_or_path: str = "shapes-clip", overrides: list[str] | None = None) -> PretrainConfig:
+    from datagen.config import ConfigError, apply_overrides, from_dict, read_yaml
+    from datagen.recipe import resolve_recipe_path
+
+    path = resolve_recipe_path(name_or_path, "train")
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    if data.pop("kind", None) != "pretrain-clip":
+        raise ConfigError(f"{path}: kind must be 'pretrain-clip'")
+    for k in ("name", "expected_cost"):
+        data.pop(k, None)
+    try:
+        return from_dict(PretrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

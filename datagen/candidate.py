@@ -1,0 +1,54 @@
+"""One candidate triplet as it moves through the stages (captions -> edits -> images -> filters).
+
+Every stage fills its own fields. Randomness is per candidate and per stage (`stage_rng`), so a
+candidate's content never depends on batch size, worker count or what other stages draw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+STAGE_IDS = {"captions": 1, "edits": 2, "images": 3, "filters": 4}
+
+
+def candidate_seed(seed: int, unit: int, j: int) -> int:
+    state = np.random.SeedSequence([int(seed), int(unit), int(j)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+@dataclass
+class Candidate:
+    unit: int
+    j: int                                  # candidate number within its unit
+    seed: int
+    source_caption: str = ""
+    modification_text: str = ""
+    target_caption: str = ""
+    edit_type: str = ""
+    failure: str | None = None
+    source_scene: object = None             # shapes world ground truth (Scene), else None
+    target_scene: object = None             # what the target image shows
+    intended_scene: object = None           # what the instruction asks for
+    reference_image: bytes = b""
+    target_image: bytes = b""
+    generator: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    passes: dict = field(default_factory=dict)
+    reject_reason: str | None = None
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.unit:06d}-{self.j:06d}"
+
+    @property
+    def kept(self) -> bool:
+        return self.reject_reason is None
+
+    def rng(self, stage: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, STAGE_IDS[stage]])
+
+    def reject(self, reason: str) -> None:
+        if self.reject_reason is None:
+            self.reject_reason = reason

@@ -1,0 +1,154 @@
+"""The one CLIP loader of the project: open_clip names/tags, local checkpoints, `shapes-clip`.
+
+Filters (datagen) need CLIP first; `cir` wraps what this returns. Nothing here touches the
+network unless the caller asks for a hub tag, and weights are loaded with safetensors or
+`torch.load(weights_only=True)` (open_clip's default) only.
+
+shapes-CLIP weights are stored compactly: of the 49,408-row token table only the rows that
+training changed are kept (`token_embedding.rows` / `token_embedding.values`); every other row is
+regenerated exactly from the seed recorded in the file (`token_init_seed`, N(0, 0.02) from a CPU
+`torch.Generator`), which is how training initialised it. Training keeps the token table out of
+weight decay, so untouched rows are still exactly at that initialisation.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+SHAPES_CLIP = "shapes-clip"
+TOKEN_INIT_STD = 0.02
+
+
+@dataclass
+class LoadedClip:
+    model: "object"                 # open_clip.CLIP
+    preprocess: Callable            # PIL image -> tensor (eval transform)
+    tokenizer: Callable             # list[str] -> LongTensor [n, context_length]
+    name: str
+    weights_id: str                 # content hash of the weights ("random" when none)
+
+
+def _register_shapes_config() -> None:
+    import open_clip
+
+    from .assets import asset_path
+
+    if SHAPES_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(asset_path("shapes_clip", f"{SHAPES_CLIP}.json"))
+
+
+def init_token_table(vocab_size: int, width: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(vocab_size, width, generator=g) * TOKEN_INIT_STD
+
+
+def compact_state_dict(state: dict, token_init_seed: int, dtype=None) -> tuple[dict, dict]:
+    """Split the token table into (trained rows, their ids); return (tensors, metadata)."""
+    import torch
+
+    table = state["token_embedding.weight"].detach().float().cpu()
+    init = init_token_table(table.shape[0], table.shape[1], token_init_seed)
+    rows = torch.nonzero((table != init).any(dim=1)).flatten()
+    out = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != "token_embedding.weight"}
+    out["token_embedding.rows"] = rows.to(torch.int64)
+    out["token_embedding.values"] = table[rows].contiguous()
+    if dtype is not None:
+        out = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
+    meta = {"token_init_seed": str(int(token_init_seed)), "vocab_size": str(table.shape[0]),
+            "format": "cirgen-compact-clip-v1"}
+    return out, meta
+
+
+def expand_state_dict(tensors: dict, meta: dict) -> dict:
+    import torch
+
+    if "token_embedding.rows" not in tensors:
+        return tensors
+    values = tensors["token_embedding.values"].float()
+    table = init_token_table(int(meta["vocab_size"]), values.shape[1], int(meta["token_init_seed"]))
+    table[tensors["token_embedding.rows"].long()] = values
+    out = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()
+           if not k.startswith("token_embedding.")}
+    out["token_embedding.weight"] = table
+    return out
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_weights_file(model, path: str | Path) -> None:
+    """Load a safetensors (compact or full) or weights-only torch checkpoint into `model`."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = expand_state_dict(tensors, meta)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if bad or missing or unexpected:
+        detail = (f"shape mismatch at {bad[0]!r} ({tuple(state[bad[0]].shape)} in file, "
+                  f"{tuple(own[bad[0]].shape)} in model)" if bad else
+                  f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}")
+        raise ValueError(f"{path}: checkpoint does not fit this architecture: {detail} "
+                         f"({len(bad)} mismatched, {len(missing)} missing, {len(unexpected)} unexpected)")
+    model.load_state_dict(state)
+
+
+def shipped_weights() -> Path:
+    from .assets import asset_path
+
+    return asset_path("shapes_clip", "shapes-clip.safetensors")
+
+
+def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: str = "cpu",
+              random_init: bool = False) -> LoadedClip:
+    """Load a CLIP by open_clip model name.
+
+    - `shapes-clip`: the shipped offline weights (or `pretrained` = a local weights file).
+    - any open_clip architecture with `pretrained` = a tag (may download) or a local file.
+    - `random_init=True`: the architecture with random weights (tests, benchmarks).
+    """
+    import open_clip
+
+    _register_shapes_config()
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+    weights_id = "random"
+    if not random_init:
+        source = pretrained
+        if name == SHAPES_CLIP and source is None:
+            source = str(shipped_weights())
+        if source is not None and Path(source).exists():
+            load_weights_file(model, source)
+            weights_id = file_hash(source)
+        elif source is not None:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=source, device="cpu")
+            weights_id = f"{name}:{source}"
+    model = model.to(device).eval()
+    return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), name, weights_id)
+
+
+@lru_cache(maxsize=4)
+def cached_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: str = "cpu") -> LoadedClip:
+    return load_clip(name, pretrained, device)

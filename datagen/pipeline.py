@@ -1,0 +1,207 @@
+"""The generation pipeline: plan work units, run the stages in batches, write shards, resume.
+
+A run of `n` triplets is `ceil(n / unit_size)` work units; unit u holds kept triplets
+`[u*unit_size, min(n, (u+1)*unit_size))` and draws its candidates from its own seeded stream, so
+units can run in any order, on any number of processes, and a rerun skips the units whose shard
+is complete. A larger `n` adds units (and completes a partial last unit with the same records).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .candidate import Candidate, candidate_seed
+from .captions import build_captions
+from .config import to_dict
+from .edits import build_edits
+from .filters import build_filters
+from .images import build_images
+from .recipe import GenRecipe
+from .schema import STAGES, build_schema
+from .store import (aggregate_stats, clean_temp_files, open_dataset, shard_path, to_table, unit_done,
+                    write_atomic, write_card, write_table)
+
+MAX_CANDIDATES_PER_KEPT = 50  # give up on a unit whose filters reject (almost) everything
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    units: list[tuple[int, int]]      # (unit, kept count) of every unit of the dataset
+    todo: list[tuple[int, int]]       # the units still to run
+
+
+def plan_units(n: int, unit_size: int) -> list[tuple[int, int]]:
+    return [(u, min(unit_size, n - u * unit_size)) for u in range((n + unit_size - 1) // unit_size)]
+
+
+def plan(out: Path, n: int, unit_size: int) -> Plan:
+    units = plan_units(n, unit_size)
+    return Plan(units, [(u, c) for u, c in units if not unit_done(out, u, c)])
+
+
+class Stages:
+    """The four stages assembled from the recipe (diffusers-style interchangeable components)."""
+
+    def __init__(self, recipe: GenRecipe):
+        self.recipe = recipe
+        self.captions = build_captions(recipe)
+        self.edits = build_edits(recipe)
+        self.images = build_images(recipe)
+        self.filters = build_filters(recipe)
+
+    @property
+    def schema(self):
+        scores = [c for f in self.filters for c in f.score_columns]
+        passes = [c for f in self.filters for c in f.pass_columns]
+        return build_schema(scores, passes)
+
+    def run(self, batch: list[Candidate]) -> None:
+        steps = [("captions", [self.captions]), ("edits", [self.edits]), ("images", [self.images]),
+                 ("filters", self.filters)]
+        for stage, components in steps:
+            t0 = time.perf_counter()
+            for comp in components:
+                comp(batch)
+            per = (time.perf_counter() - t0) / len(batch)
+            for c in batch:
+                c.seconds[stage] = per
+                c.generator.setdefault(stage, {}).setdefault("backend", getattr(components[0], "name", None)
+                                                             if components else None)
+
+
+def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
+             stages: Stages | None = None) -> dict:
+    """Generate unit `unit` until it holds `count` kept triplets; write rejects, then the shard."""
+    stages = stages or Stages(recipe)
+    kept: list[Candidate] = []
+    rejected: list[Candidate] = []
+    j = 0
+    B = recipe.pipeline.batch_size
+    while len(kept) < count:
+        if j >= MAX_CANDIDATES_PER_KEPT * count:
+            raise PipelineError(f"unit {unit}: only {len(kept)} of {count} candidates passed the filters "
+                                f"after {j} attempts; loosen the filters or check the generators")
+        # Never generate past what the unit still needs: the unit's content is then independent
+        # of batch size (candidate j is the same whichever batch it falls in).
+        size = min(B, count - len(kept))
+        batch = [Candidate(unit, j + k, candidate_seed(seed, unit, j + k)) for k in range(size)]
+        j += size
+        stages.run(batch)
+        for c in batch:
+            (kept if c.kept else rejected).append(c)
+    stats = {"unit": unit, "kept": len(kept), "generated": j, "rejected": {}, "failures_kept": {},
+             "failures_generated": {}, "edit_types": {}, "passes": {},
+             "seconds": {s: sum(c.seconds.get(s, 0.0) for c in kept + rejected) for s in STAGES}}
+    for c in kept + rejected:
+        if c.reject_reason:
+            stats["rejected"][c.reject_reason] = stats["rejected"].get(c.reject_reason, 0) + 1
+        f = c.failure or "none"
+        stats["failures_generated"][f] = stats["failures_generated"].get(f, 0) + 1
+        for p, ok in c.passes.items():
+            stats["passes"][p] = stats["passes"].get(p, 0) + int(bool(ok))
+    for c in kept:
+        f = c.failure or "none"
+        stats["failures_kept"][f] = stats["failures_kept"].get(f, 0) + 1
+        stats["edit_types"][c.edit_type] = stats["edit_types"].get(c.edit_type, 0) + 1
+    schema = stages.schema
+    quality = recipe.quality.tier
+    write_table(to_table(rejected, schema, recipe.pipeline.unit_size, quality, False),
+                shard_path(out, unit, rejects=True), stats)
+    write_table(to_table(kept, schema, recipe.pipeline.unit_size, quality, True), shard_path(out, unit), stats)
+    return stats
+
+
+# Worker processes build their stages once and reuse them for every unit they get.
+_WORKER: dict = {}
+
+
+def _init_worker(recipe_dict: dict, seed: int, out: str) -> None:
+    from .config import from_dict
+
+    recipe = from_dict(GenRecipe, recipe_dict)
+    _WORKER.update(recipe=recipe, seed=seed, out=Path(out), stages=Stages(recipe))
+
+
+def _work(task: tuple[int, int]) -> dict:
+    w = _WORKER
+    return run_unit(w["recipe"], w["seed"], task[0], task[1], w["out"], w["stages"])
+
+
+def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None,
+             workers: int | None = None, recipe_path: str = "", progress: bool = True,
+             log: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> dict:
+    """Make (or complete, or extend) the dataset in `out`; return the summary (stats.json)."""
+    out = Path(out)
+    seed = recipe.seed if seed is None else seed
+    run = open_dataset(out, recipe, seed, n, recipe_path)
+    removed = clean_temp_files(out)
+    if removed:
+        log(f"removed {removed} temp file(s) left by an interrupted run")
+    p = plan(out, n, recipe.pipeline.unit_size)
+    todo = p.todo
+    if shard is not None:
+        i, k = shard
+        todo = [t for t in todo if t[0] % k == i]
+    workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
+    workers = max(1, min(workers, len(todo) or 1))
+    t0 = time.time()
+    if todo:
+        total = sum(c for _, c in p.units)
+        done_before = total - sum(c for _, c in p.todo)
+        log(f"{out}: {len(todo)} of {len(p.units)} work units to run "
+            f"({done_before} triplets already there), {workers} worker(s)")
+        _run_units(recipe, seed, out, todo, workers, progress, total, done_before)
+    else:
+        log(f"{out}: all {len(p.units)} work units are complete; nothing to do")
+    if shard is not None and any(not unit_done(out, u, c) for u, c in p.units):
+        log(f"shard {shard[0]}/{shard[1]} done; stats are written when every unit is complete")
+        return {}
+    stats = aggregate_stats(out, [u for u, _ in p.units])
+    write_atomic(out / "stats.json", (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
+    write_card(out, run, stats)
+    stats["wall_seconds"] = round(time.time() - t0, 3)
+    return stats
+
+
+def _run_units(recipe, seed, out, todo, workers, progress, total, done_before) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done_before, unit="triplet", disable=not progress,
+               desc="triplets", smoothing=0.1, dynamic_ncols=True)
+    try:
+        if workers == 1:
+            stages = Stages(recipe)
+            for u, c in todo:
+                run_unit(recipe, seed, u, c, out, stages)
+                bar.update(c)
+        else:
+            ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(to_dict(recipe), seed, str(out))) as pool:
+                for st in pool.imap_unordered(_work, todo):
+                    bar.update(st["kept"])
+    finally:
+        bar.close()
+
+
+def summary_lines(stats: dict) -> list[str]:
+    b = stats["budget"]
+    lines = [f"kept {stats['kept']} of {stats['generated']} candidates (yield {100 * stats['yield']:.1f}%)"]
+    if stats["rejected"]:
+        lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["rejected"].items())))
+    fk = {k: v for k, v in stats["failures_kept"].items() if k != "none"}
+    if fk:
+        lines.append("injected failures among kept: " + ", ".join(f"{k} {v}" for k, v in sorted(fk.items())))
+    lines.append("seconds per stage: " + ", ".join(f"{s} {v:.2f}" for s, v in b["seconds_per_stage"].items())
+                 + f" | {b['seconds_per_1k_kept']:.2f} s per 1k kept ({b['device']})")
+    if "wall_seconds" in stats:
+        lines.append(f"wall time this run: {stats['wall_seconds']:.1f} s")
+    return lines

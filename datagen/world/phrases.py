@@ -1,0 +1,78 @@
+"""Turn scenes and edits into text, with the training or the held-out phrase set."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import yaml
+
+from ..assets import asset_path
+from .scene import CELLS, Obj, Scene
+
+SPLITS = ("train", "heldout")
+EDIT_TYPES = ("recolor", "reshape", "resize", "add", "remove", "move", "background", "count")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PLURALS = {"cross": "crosses"}
+
+
+def plural(shape: str) -> str:
+    return PLURALS.get(shape, shape + "s")
+
+
+@dataclass(frozen=True)
+class PhraseSet:
+    split: str
+    position: tuple[str, ...]
+    object: tuple[str, ...]
+    scene: tuple[str, ...]
+    edits: dict[str, tuple[str, ...]]
+
+    def pos(self, cell: int, rng: np.random.Generator) -> str:
+        return _pick(self.position, rng).format(cell=CELLS[cell])
+
+    def describe_obj(self, obj: Obj, rng: np.random.Generator) -> str:
+        return _pick(self.object, rng).format(
+            size=obj.size, color=obj.color, shape=obj.shape,
+            pos=self.pos(obj.cell, rng), cell=CELLS[obj.cell])
+
+    def caption(self, scene: Scene, rng: np.random.Generator) -> str:
+        """A complete description: every object (in random order) and the background."""
+        order = rng.permutation(len(scene.objects))
+        parts = [self.describe_obj(scene.objects[i], rng) for i in order]
+        objects = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        return _pick(self.scene, rng).format(objects=objects, bg=scene.background)
+
+    def refer(self, obj: Obj, scene: Scene, rng: np.random.Generator) -> str:
+        """The shortest unambiguous way to name `obj` within `scene`."""
+        others = [o for o in scene.objects if o.cell != obj.cell]
+        if not any((o.color, o.shape) == (obj.color, obj.shape) for o in others):
+            return f"{obj.color} {obj.shape}"
+        if not any(o.kind == obj.kind for o in others):
+            return f"{obj.size} {obj.color} {obj.shape}"
+        return f"{obj.color} {obj.shape} {self.pos(obj.cell, rng)}"
+
+    def instruction(self, edit_type: str, slots: dict, rng: np.random.Generator) -> str:
+        return _pick(self.edits[edit_type], rng).format(**slots)
+
+
+def _pick(options, rng: np.random.Generator) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+@lru_cache(maxsize=None)
+def load_phrases(split: str = "train", path: str | None = None) -> PhraseSet:
+    if split not in SPLITS:
+        raise ValueError(f"unknown phrase split {split!r}; expected one of {SPLITS}")
+    file = path or str(asset_path("phrases", "shapes.yaml"))
+    with open(file) as f:
+        data = yaml.safe_load(f)
+    try:
+        d = data[split]
+        edits = {k: tuple(v) for k, v in d["edits"].items()}
+        missing = set(EDIT_TYPES) - set(edits)
+        if missing:
+            raise KeyError(f"edits.{sorted(missing)[0]}")
+        return PhraseSet(split, tuple(d["position"]), tuple(d["object"]), tuple(d["scene"]), edits)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{file}: phrase set {split!r} is missing {e}") from None
