@@ -65,17 +65,22 @@ class Stages:
         return build_schema(scores, passes)
 
     def run(self, batch: list[Candidate]) -> None:
+        """Run the stages in order. A candidate rejected by the text or image stage skips the
+        later (expensive) stages; every filter scores every candidate that reached the filters,
+        so all scores are stored even when an earlier criterion already failed."""
         steps = [("captions", [self.captions]), ("edits", [self.edits]), ("images", [self.images]),
                  ("filters", self.filters)]
         for stage, components in steps:
+            todo = [c for c in batch if c.kept]
+            if not todo or not components:
+                continue
             t0 = time.perf_counter()
             for comp in components:
-                comp(batch)
-            per = (time.perf_counter() - t0) / len(batch)
-            for c in batch:
+                comp(todo)
+            per = (time.perf_counter() - t0) / len(todo)
+            for c in todo:
                 c.seconds[stage] = per
-                c.generator.setdefault(stage, {}).setdefault("backend", getattr(components[0], "name", None)
-                                                             if components else None)
+                c.generator.setdefault(stage, {}).setdefault("backend", getattr(components[0], "name", None))
 
 
 def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
