@@ -1,0 +1,202 @@
+"""Image-caption sources for stage I (and image loading for the feature cache).
+
+Every source exposes the same small interface: `ids` (stable string ids), `caption(i)`,
+`image(i)` (a PIL image) and `dataset_id` (what the content is, for cache keys). Sources:
+the shapes world, Parquet, CSV + image folder, WebDataset tars and a HF dataset saved on disk.
+Bad rows are an error naming file and row, or a counted skip when `on_error="skip"`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from datagen.config import stable_hash
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and the row/key."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["shapes", "parquet", "csv", "webdataset", "hf-disk"] = "shapes"
+    path: str | None = None            # file, folder or glob for the non-shapes sources
+    image_root: str | None = None      # CSV: folder the image paths are relative to
+    image_column: str = "image"
+    caption_column: str = "caption"
+    n: int = 20000                     # shapes: number of image-caption pairs
+    seed: int = 0
+    resolution: int = 128
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+def open_image(data: bytes | str | Path, where: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"{where}: image cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+class ShapesImageCaptions:
+    """n training-partition scenes, rendered and captioned deterministically from (seed, i)."""
+
+    def __init__(self, n: int, seed: int = 0, resolution: int = 128):
+        from datagen.world.phrases import load_phrases
+
+        self.n, self.seed, self.resolution = n, seed, resolution
+        self.phrases = load_phrases("train")
+        self.ids = [f"shapes-{seed}-{i}" for i in range(n)]
+        self.dataset_id = f"shapes-s{seed}-n{n}-r{resolution}"
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _scene(self, i: int):
+        from datagen.world.scene import sample_scene
+
+        rng = np.random.default_rng([self.seed, i, 11])
+        return sample_scene(rng, 1, 4, split="train"), rng
+
+    def caption(self, i: int) -> str:
+        scene, rng = self._scene(i)
+        return self.phrases.caption(scene, rng)
+
+    def scene(self, i: int):
+        return self._scene(i)[0]
+
+    def image(self, i: int) -> Image.Image:
+        from datagen.world.render import RenderConfig, render
+
+        scene, _ = self._scene(i)
+        return render(scene, int(np.random.default_rng([self.seed, i, 12]).integers(2**31)),
+                      RenderConfig(resolution=self.resolution))
+
+
+class _TableSource:
+    """Rows of (image bytes or path, caption) held in memory as Python lists (captions) and
+    lazily decoded images."""
+
+    def __init__(self, name: str, images: list, captions: list, ids: list[str], on_error: str,
+                 where: list[str], image_root: Path | None = None):
+        self.on_error = on_error
+        self.skipped = 0
+        keep = []
+        for k, (img, cap) in enumerate(zip(images, captions)):
+            if img is None or not isinstance(cap, str) or not cap.strip():
+                problem = "empty caption" if img is not None else "no image"
+                if on_error == "raise":
+                    raise DataError(f"{where[k]}: {problem}")
+                self.skipped += 1
+                continue
+            keep.append(k)
+        self._images = [images[k] for k in keep]
+        self._captions = [captions[k].strip() for k in keep]
+        self._where = [where[k] for k in keep]
+        self.ids = [ids[k] for k in keep]
+        self.image_root = image_root
+        self.dataset_id = f"{name}-{stable_hash(self.ids)}"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def caption(self, i: int) -> str:
+        return self._captions[i]
+
+    def image(self, i: int) -> Image.Image:
+        data = self._images[i]
+        if isinstance(data, dict):
+            data = data.get("bytes") or data.get("path")
+        if isinstance(data, str):
+            p = Path(data)
+            if self.image_root is not None:
+                p = (self.image_root / data).resolve()
+                if self.image_root.resolve() not in p.parents:
+                    raise DataError(f"{self._where[i]}: image path {data!r} escapes {self.image_root}")
+            data = p
+        return open_image(data, self._where[i])
+
+
+def _parquet(cfg: DataConfig) -> _TableSource:
+    import pyarrow.parquet as pq
+
+    files = sorted(Path().glob(cfg.path)) if any(c in cfg.path for c in "*?[") else [Path(cfg.path)]
+    images, caps, ids, where = [], [], [], []
+    for f in files:
+        try:
+            t = pq.read_table(f, columns=[cfg.image_column, cfg.caption_column])
+        except Exception as e:
+            raise DataError(f"{f}: cannot read columns {cfg.image_column!r}, {cfg.caption_column!r} ({e})") from None
+        for r, (img, cap) in enumerate(zip(t.column(0).to_pylist(), t.column(1).to_pylist())):
+            images.append(img)
+            caps.append(cap)
+            ids.append(f"{f.name}:{r}")
+            where.append(f"{f} row {r}")
+    return _TableSource("parquet", images, caps, ids, cfg.on_error, where)
+
+
+def _csv(cfg: DataConfig) -> _TableSource:
+    path = Path(cfg.path)
+    root = Path(cfg.image_root) if cfg.image_root else path.parent
+    images, caps, ids, where = [], [], [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        for col in (cfg.image_column, cfg.caption_column):
+            if col not in (reader.fieldnames or []):
+                raise DataError(f"{path}: no column {col!r} (columns: {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            images.append(row.get(cfg.image_column) or None)
+            caps.append(row.get(cfg.caption_column))
+            ids.append(row.get(cfg.image_column) or f"line{line}")
+            where.append(f"{path} line {line}")
+    return _TableSource("csv", images, caps, ids, cfg.on_error, where, image_root=root)
+
+
+def _webdataset(cfg: DataConfig) -> _TableSource:
+    files = sorted(Path().glob(cfg.path)) if any(c in cfg.path for c in "*?[") else [Path(cfg.path)]
+    images, caps, ids, where = [], [], [], []
+    for f in files:
+        samples: dict[str, dict] = {}
+        with tarfile.open(f) as tar:
+            for m in tar.getmembers():
+                if not m.isfile() or "." not in Path(m.name).name:
+                    continue
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
+        for key, s in samples.items():
+            img = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+            cap = s.get("txt", s.get("caption"))
+            images.append(img)
+            caps.append(cap.decode("utf-8", "replace") if cap is not None else None)
+            ids.append(f"{f.name}:{key}")
+            where.append(f"{f} sample {key}")
+    return _TableSource("wds", images, caps, ids, cfg.on_error, where)
+
+
+def _hf_disk(cfg: DataConfig) -> _TableSource:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(cfg.path)
+    ds = ds.cast_column(cfg.image_column, ds.features[cfg.image_column].__class__(decode=False)) \
+        if hasattr(ds.features[cfg.image_column], "decode") else ds
+    images, caps = ds[cfg.image_column], ds[cfg.caption_column]
+    n = len(caps)
+    return _TableSource("hf", images, caps, [f"{cfg.path}:{i}" for i in range(n)], cfg.on_error,
+                        [f"{cfg.path} row {i}" for i in range(n)])
+
+
+def open_source(cfg: DataConfig):
+    if cfg.source == "shapes":
+        return ShapesImageCaptions(cfg.n, cfg.seed, cfg.resolution)
+    if not cfg.path:
+        raise DataError(f"data.path is required for source {cfg.source!r}")
+    return {"parquet": _parquet, "csv": _csv, "webdataset": _webdataset, "hf-disk": _hf_disk}[cfg.source](cfg)

@@ -1,0 +1,169 @@
+"""The CIR model: CLIP + stage-I mapping (+ stage-II composer), saved as a run folder.
+
+Inference: query text `a photo of $ that {modification}`; `$` takes the pseudo-word token(s)
+made from the reference image; the text encoder (with VSI and the composer) encodes it; the
+gallery is frozen CLIP image embeddings; cosine similarity.
+
+A run folder holds `model.json` (what to build: CLIP name/weights, mapping and composer configs)
+and `model.safetensors` (the trained weights: mapping, composer, and text tower for full
+fine-tuning). `load_run(path)` rebuilds it and implements the evaluation harness's interface.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import ComposeConfig, Composer
+from .clip import CIRClip, expand_placeholder
+from .mapping import Mapping, MappingConfig
+
+DEFAULT_PROMPT = "a photo of $"
+
+
+class CIRModel(nn.Module):
+    def __init__(self, clip: CIRClip, mapping_cfg: MappingConfig, compose_cfg: ComposeConfig | None = None,
+                 clip_spec: dict | None = None):
+        super().__init__()
+        self.clip = clip.freeze()
+        n_blocks = len(clip.clip.transformer.resblocks)
+        self.mapping = Mapping(clip.embed_dim, clip.text_width, clip.vision_width, n_blocks, mapping_cfg)
+        self.composer = Composer(clip.clip, compose_cfg) if compose_cfg is not None else None
+        self.clip_spec = clip_spec or {"name": clip.name, "pretrained": None}
+        self.cache_root: str | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.mapping.cfg.n_tokens
+
+    @property
+    def uses_patches(self) -> bool:
+        return self.mapping.vsi is not None
+
+    def add_composer(self, cfg: ComposeConfig) -> None:
+        self.composer = Composer(self.clip.clip, cfg)
+
+    def encode_query(self, image_global: torch.Tensor, patches: torch.Tensor | None, prompts: list[str],
+                     use_composer: bool = True) -> torch.Tensor:
+        """Normalised query features for reference images (global [B, D] normalised, patches
+        [B, P, Wv] or None) and prompts containing `$`."""
+        clip = self.clip
+        dev = image_global.device
+        tokens = clip.tokenize([expand_placeholder(p, self.n_tokens) for p in prompts],
+                               require_placeholder=True).to(dev)
+        pseudo = self.mapping.token_learner(image_global)
+        hooks = []
+        if self.mapping.vsi is not None:
+            if patches is None:
+                raise ValueError("this model uses VSI and needs the reference images' patch tokens")
+            hooks.append(self.mapping.vsi.hook(patches.to(dev)))
+        if use_composer and self.composer is not None:
+            hooks.append(self.composer.hook)
+        return clip.encode_text(tokens, pseudo=pseudo, hooks=hooks, normalize=True)
+
+    # ------------------------------------------------------------ persistence
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        state = {f"mapping.{k}": v for k, v in self.mapping.state_dict().items()}
+        if self.composer is not None:
+            if self.composer.cfg.mode == "full":
+                keep = {id(p) for p in self.composer.text_params}
+                state.update({f"clip.{k}": v for k, v in self.clip.clip.state_dict(keep_vars=True).items()
+                              if id(v) in keep})
+            else:
+                state.update({f"composer.{k}": v for k, v in self.composer.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def save(self, run: str | Path, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        run = Path(run)
+        run.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "cirgen-cir-model-v1", "clip": self.clip_spec, "clip_weights_id": self.clip.weights_id,
+                "mapping": asdict(self.mapping.cfg),
+                "composer": asdict(self.composer.cfg) if self.composer is not None else None, **(extra or {})}
+        tmp = run / ".model.safetensors.tmp"
+        save_file(self.trained_state(), str(tmp))
+        os.replace(tmp, run / "model.safetensors")
+        (run / ".model.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(run / ".model.json.tmp", run / "model.json")
+        return run
+
+    def load_trained(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        own = {f"mapping.{k}": v for k, v in self.mapping.state_dict().items()}
+        if self.composer is not None:
+            own.update({f"composer.{k}": v for k, v in self.composer.state_dict().items()})
+            if self.composer.cfg.mode == "full":
+                own.update({f"clip.{k}": v for k, v in self.clip.clip.state_dict().items()})
+        for k, v in state.items():
+            if k not in own:
+                raise ValueError(f"{path}: unexpected key {k!r} for this model configuration")
+            if own[k].shape != v.shape:
+                raise ValueError(f"{path}: key {k!r} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+        self.mapping.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("mapping.")})
+        if self.composer is not None and self.composer.cfg.mode != "full":
+            self.composer.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("composer.")})
+        clip_part = {k[5:]: v for k, v in state.items() if k.startswith("clip.")}
+        if clip_part:
+            self.clip.clip.load_state_dict(clip_part, strict=False)
+
+
+def load_run(path: str | Path, device: str = "cpu", use_composer: bool = True) -> "RunModel":
+    from datagen.config import from_dict
+
+    path = Path(path)
+    meta_path = path / "model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{path}: not a cirgen model run (no model.json)")
+    meta = json.loads(meta_path.read_text())
+    clip = CIRClip.load(meta["clip"]["name"], meta["clip"].get("pretrained"), device)
+    if meta.get("clip_weights_id") not in (None, clip.weights_id):
+        raise ValueError(f"{path}: trained on CLIP weights {meta['clip_weights_id']}, "
+                         f"but {meta['clip']['name']} loads {clip.weights_id}")
+    model = CIRModel(clip, from_dict(MappingConfig, meta["mapping"]),
+                     from_dict(ComposeConfig, meta["composer"]) if meta.get("composer") else None, meta["clip"])
+    model.load_trained(path / "model.safetensors")
+    return RunModel(model.to(device).eval(), name=path.name, use_composer=use_composer)
+
+
+class RunModel:
+    """A trained model behind the evaluation harness's interface (paths in, features out)."""
+
+    def __init__(self, model: CIRModel, name: str, prompt_ok: bool = True, use_composer: bool = True,
+                 cache_root: str | None = None):
+        from .features import FeatureCache
+
+        self.model = model
+        self.name = name
+        self.use_composer = use_composer
+        self.cache = FeatureCache(model.clip, cache_root)
+        self.cache_key = f"{name}:{self.cache.model_key}"
+
+    def _features(self, paths: list[Path], patches: bool):
+        from datagen.config import stable_hash
+
+        from .data import open_image
+
+        ids = [str(p) for p in paths]
+        return self.cache.image_features(f"files-{stable_hash(ids)}", len(paths),
+                                         lambda i: open_image(paths[i], str(paths[i])), ids, patches=patches)
+
+    @torch.no_grad()
+    def encode_images(self, paths: list[Path]) -> torch.Tensor:
+        f = self._features(paths, patches=False)
+        return torch.from_numpy(f.global_.copy())
+
+    @torch.no_grad()
+    def encode_queries(self, ref_paths: list[Path], prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        f = self._features(ref_paths, patches=self.model.uses_patches)
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            g, p = f.tensors(slice(s, s + batch_size))
+            out.append(self.model.encode_query(g, p, prompts[s:s + batch_size], use_composer=self.use_composer))
+        return torch.cat(out)

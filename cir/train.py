@@ -1,0 +1,209 @@
+"""One training loop for both stages.
+
+The caller supplies a trainable module, a loss function over a batch of dataset indices, and the
+dataset size; the loop owns everything else: seeded per-epoch order, AMP (bf16 autocast on CUDA),
+gradient clipping, torchrun/DDP (gradients averaged across ranks; the losses all-gather
+embeddings differentiably), JSONL metrics (TensorBoard optional), a progress bar, and atomic
+safetensors checkpoints with `--resume` that continues bitwise-identically on CPU.
+
+Checkpoint layout in `OUT/checkpoints/`: `step-NNNNNN.safetensors` (trainable weights) and
+`state.pt` (optimizer, step, RNG states, the weights file it belongs to), written in that order,
+each by temp file + rename, so a kill at any moment leaves a consistent pair.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 5
+    batch_size: int = 256             # global batch (split across DDP ranks)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    amp: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: bool = False
+    ckpt_every: int = 100             # steps
+    log_every: int = 10
+    tensorboard: bool = False
+    threads: int = 0                  # torch CPU threads (0 = leave as is)
+    stop_after: int | None = None     # stop (as if interrupted) after this many steps; for tests
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("batch_size and epochs must be >= 1")
+        if self.amp not in ("auto", "bf16", "fp32"):
+            raise ValueError("amp must be auto, bf16 or fp32")
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist_info()
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _lr(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names = {id(p) for p in module.parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict(keep_vars=True).items()
+            if id(v) in names}
+
+
+def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
+        loss_fn: Callable[[np.ndarray], tuple[torch.Tensor, dict]], cfg: TrainConfig, out: str | Path,
+        resume: bool = False, on_epoch_start: Callable[[int], dict | None] | None = None,
+        log: Callable[[str], None] = print) -> dict:
+    """Train `params` (inside `module`, whose trainable state is checkpointed) for cfg.epochs.
+
+    loss_fn(indices) -> (loss, metrics) for this rank's share of a global batch of dataset indices.
+    on_epoch_start(epoch) runs before each epoch (e.g. hard-negative mining) and may return metrics.
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    rank, world = dist_info()
+    out = Path(out)
+    ck = out / "checkpoints"
+    if rank == 0:
+        ck.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
+    steps_per_epoch = n_items // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n_items} items is less than one batch of {cfg.batch_size}")
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    state_path = ck / "state.pt"
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        missing = module.load_state_dict(load_file(ck / st["weights"]), strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"{ck / st['weights']}: unexpected keys {missing.unexpected_keys[:3]}")
+        opt.load_state_dict(st["opt"])
+        step = int(st["step"])
+        torch.set_rng_state(st["torch_rng"][rank] if st["torch_rng"].dim() > 1 else st["torch_rng"])
+        log(f"resumed from {ck / st['weights']} at step {step}")
+    elif resume:
+        log(f"--resume: no checkpoint in {ck}; starting from scratch")
+    device = params[0].device
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    metrics_path = out / "metrics.jsonl"
+    mf = open(metrics_path, "a") if rank == 0 else None
+    tb = None
+    if cfg.tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tb"))
+    bar = tqdm(total=total, initial=step, desc=out.name, unit="step", disable=rank != 0)
+    t0, last = time.time(), {}
+    per_rank = cfg.batch_size // world
+    epoch = step // steps_per_epoch
+    while step < total:
+        epoch = step // steps_per_epoch
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_items)
+        extra = (on_epoch_start(epoch) or {}) if on_epoch_start else {}
+        if extra and mf:
+            mf.write(json.dumps({"epoch": epoch, **extra}) + "\n")
+        for b in range(step % steps_per_epoch, steps_per_epoch):
+            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * per_rank:(rank + 1) * per_rank]
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, total, cfg)
+            module.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, metrics = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
+            opt.step()
+            step += 1
+            last = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": _lr(step - 1, total, cfg),
+                    **{k: float(v) for k, v in metrics.items()}}
+            if gnorm is not None:
+                last["grad_norm"] = float(gnorm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if mf and (step % cfg.log_every == 0 or step == total):
+                mf.write(json.dumps({**last, "seconds": round(time.time() - t0, 2)}) + "\n")
+                mf.flush()
+                if tb:
+                    for k, v in last.items():
+                        tb.add_scalar(k, v, step)
+            if step % cfg.ckpt_every == 0 or step == total or step == cfg.stop_after:
+                _checkpoint(module, opt, step, ck, rank, world, save_file)
+            if cfg.stop_after is not None and step >= cfg.stop_after:
+                bar.close()
+                if mf:
+                    mf.close()
+                return {**last, "stopped": True}
+    bar.close()
+    if mf:
+        mf.close()
+    if tb:
+        tb.close()
+    return last
+
+
+def _checkpoint(module, opt, step, ck: Path, rank: int, world: int, save_file) -> None:
+    rng = torch.get_rng_state()
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rng)
+        rng = torch.stack(gathered)
+    if rank != 0:
+        return
+    name = f"step-{step:06d}.safetensors"
+    _atomic(ck / name, lambda p: save_file(trainable_state(module), str(p)))
+    _atomic(ck / "state.pt", lambda p: torch.save({"opt": opt.state_dict(), "step": step, "torch_rng": rng,
+                                                    "weights": name}, p))
+    for old in ck.glob("step-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
