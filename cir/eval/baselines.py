@@ -1,0 +1,145 @@
+"""CLIP baselines that run in the same harness as the trained models.
+
+- `image-only`: the reference image's feature (ignores the text).
+- `text-only`: the prompt with the `$` placeholder removed ("a photo of $ that is red" ->
+  "a photo of that is red").
+- `sum`: normalised image feature + normalised feature of the modification part of the prompt
+  (the text after `$` and its connective: "is red"), renormalised.
+
+`resolve_model` returns one of these by name, or lazily loads a trained run through
+`cir.model.load_run(spec)`. Features are cached in memory per image path; the cache key records
+the CLIP weights and the preprocessing, so the harness can print where the numbers came from.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import EvalError
+
+BASELINES = ("image-only", "text-only", "sum")
+Mode = Literal["image-only", "text-only", "sum"]
+
+
+def strip_placeholder(prompt: str) -> str:
+    """The prompt without the `$` token and without the spaces it leaves behind."""
+    text = re.sub(r"\s*\$\s*", " ", prompt)
+    text = re.sub(r"\s+([,.;:?!])", r"\1", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def modification_text(prompt: str) -> str:
+    """The part of a prompt after `$` and its connective ("that", ",", ":"); whole prompt if no `$`."""
+    if "$" not in prompt:
+        return prompt.strip()
+    rest = prompt.split("$", 1)[1]
+    rest = re.sub(r"^[\s,;:]*(that\b)?[\s,;:]*", "", rest)
+    return rest.strip() or strip_placeholder(prompt)
+
+
+def targetpad(img, target_ratio: float = 1.25):
+    """SEARLE's `targetpad`: pad to a square (black, centred) when the aspect ratio exceeds
+    `target_ratio`; images closer to square are left as they are."""
+    from PIL import Image
+
+    w, h = img.size
+    if max(w, h) / max(min(w, h), 1) < target_ratio:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side))
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+class ClipBaseline:
+    """A zero-shot baseline on a loaded CLIP (`datagen.clip_loader.LoadedClip`)."""
+
+    def __init__(self, clip, mode: Mode, preprocess: str = "clip", target_ratio: float = 1.25,
+                 batch_size: int = 64, device: str = "cpu"):
+        if mode not in BASELINES:
+            raise ValueError(f"unknown baseline {mode!r}; expected one of {BASELINES}")
+        self.clip, self.mode, self.device = clip, mode, device
+        self.preprocess_mode, self.target_ratio, self.batch_size = preprocess, target_ratio, batch_size
+        self.name = mode
+        pre = preprocess if preprocess == "clip" else f"{preprocess}{target_ratio}"
+        self.cache_key = f"{clip.name}@{clip.weights_id}/{pre}"
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _load(self, path: Path):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - name the file whatever PIL raised
+            raise EvalError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        if self.preprocess_mode == "targetpad":
+            img = targetpad(img, self.target_ratio)
+        return self.clip.preprocess(img)
+
+    @torch.no_grad()
+    def encode_images(self, paths: list[Path]) -> torch.Tensor:
+        keys = [str(p) for p in paths]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        for s in range(0, len(todo), self.batch_size):
+            chunk = todo[s:s + self.batch_size]
+            x = torch.stack([self._load(Path(k)) for k in chunk]).to(self.device)
+            f = self.clip.model.encode_image(x, normalize=True).float().cpu()
+            self._cache.update(zip(chunk, f))
+        if not keys:
+            return torch.empty(0, 0)
+        return torch.stack([self._cache[k] for k in keys])
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        feats = []
+        for s in range(0, len(texts), 256):
+            tokens = self.clip.tokenizer(texts[s:s + 256]).to(self.device)
+            feats.append(self.clip.model.encode_text(tokens, normalize=True).float().cpu())
+        return torch.cat(feats)
+
+    def encode_queries(self, ref_paths: list[Path], prompts: list[str]) -> torch.Tensor:
+        if self.mode == "image-only":
+            return self.encode_images(ref_paths)
+        if self.mode == "text-only":
+            return self.encode_texts([strip_placeholder(p) for p in prompts])
+        img = self.encode_images(ref_paths)
+        txt = self.encode_texts([modification_text(p) for p in prompts])
+        return torch.nn.functional.normalize(img + txt, dim=1)
+
+
+def resolve_model(spec: str, clip_name: str = "shapes-clip", weights: str | None = None,
+                  preprocess: str = "clip", target_ratio: float = 1.25, device: str = "cpu"):
+    """A baseline by name (`image-only`, `text-only`, `sum`) or a trained run via cir.model.
+
+    `weights`: a local weights file or open_clip tag; None = the default for `clip_name` (the
+    shipped shapes-CLIP); "random" = random initialisation (smoke tests).
+    """
+    if spec in BASELINES:
+        from datagen.clip_loader import load_clip
+
+        try:
+            clip = load_clip(clip_name, pretrained=None if weights in (None, "random") else weights,
+                             device=device, random_init=weights == "random")
+        except FileNotFoundError as e:
+            raise EvalError(f"{e} (train shapes-CLIP first, pass --weights FILE, or --weights random)") from None
+        return ClipBaseline(clip, spec, preprocess, target_ratio, device=device)
+    if preprocess != "clip":
+        # Trained runs own their preprocessing; do not print a protocol they did not use.
+        raise EvalError(f"model {spec!r}: preprocess={preprocess} is implemented for the baselines only")
+    import importlib
+
+    try:
+        model_mod = importlib.import_module("cir.model")
+    except ModuleNotFoundError as e:
+        if e.name != "cir.model":
+            raise
+        raise EvalError(f"model {spec!r}: not a baseline ({', '.join(BASELINES)}) and cir.model "
+                        "(trained runs) is not available yet") from None
+    try:
+        return model_mod.load_run(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(f"model {spec!r}: {e}") from None

@@ -1,0 +1,415 @@
+"""Readers for the official FashionIQ, CIRR and CIRCO layouts, with integrity checks.
+
+Every reader returns a `Benchmark`: one `Task` per gallery (FashionIQ has three, one per
+category) holding the queries, the gallery in file order (the documented tie-break order) and the
+image file of every id. Annotation problems are errors that name the file and the entry; images
+that are missing or unreadable are found by `find_bad_images` and either stop the run or are
+handled by `drop_bad_images`, which says exactly what it did. The shapes benchmarks are written in
+these same layouts, so the same readers read them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from . import EvalError
+from .protocol import Protocol
+
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+CIRR_SPLITS = {"val": "val", "test": "test1", "test1": "test1", "train": "train"}
+CIRCO_SPLITS = ("val", "test")
+DATASETS = ("fashioniq", "cirr", "circo")
+
+
+@dataclass
+class Query:
+    qid: str                          # pairid (CIRR), id (CIRCO), "<category>:<index>" (FashionIQ)
+    reference: str
+    captions: tuple[str, ...]         # FashionIQ: two; CIRR / CIRCO: one
+    target: str | None = None         # None on unlabelled (test) splits
+    gt: tuple[str, ...] = ()          # CIRCO ground truths (target first); else (target,)
+    members: tuple[str, ...] = ()     # CIRR img_set.members
+    shared_concept: str = ""
+    aspects: tuple[str, ...] = ()
+    entry: int = 0                    # index in the annotation file, for messages
+
+
+@dataclass
+class Task:
+    name: str                         # category (FashionIQ) or the dataset name
+    annotation: Path
+    gallery_file: Path
+    queries: list[Query]
+    gallery: list[str]                # ids in file order
+    paths: dict[str, Path]            # every id used by this task -> image file
+
+
+@dataclass
+class Benchmark:
+    dataset: str                      # fashioniq | cirr | circo
+    split: str                        # official split name (val, test1, test)
+    root: Path
+    tasks: list[Task]
+    labelled: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_queries(self) -> int:
+        return sum(len(t.queries) for t in self.tasks)
+
+
+def load_benchmark(dataset: str, root: str | Path, split: str = "val",
+                   protocol: Protocol | None = None) -> Benchmark:
+    """Read `dataset` (fashioniq, cirr, circo; a `shapes-` prefix is accepted) from `root`."""
+    protocol = protocol or Protocol()
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalError(f"{root}: benchmark folder not found")
+    kind = dataset.removeprefix("shapes-")
+    if kind == "fashioniq":
+        return load_fashioniq(root, split, protocol)
+    if kind == "cirr":
+        return load_cirr(root, split, protocol)
+    if kind == "circo":
+        return load_circo(root, split)
+    raise EvalError(f"unknown dataset {dataset!r}; expected one of {DATASETS} (or shapes-cirr, shapes-circo)")
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+def _read_json(path: Path, expect: type):
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise EvalError(f"{path}: file not found") from None
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, expect):
+        raise EvalError(f"{path}: expected a JSON {expect.__name__} at the top level, "
+                        f"got {type(data).__name__}")
+    return data
+
+
+def _entry(path: Path, i: int, data, label: str = "") -> "_Entry":
+    if not isinstance(data, dict):
+        raise EvalError(f"{path.name} entry {i}: expected an object, got {type(data).__name__}")
+    return _Entry(path, i, data, label)
+
+
+@dataclass
+class _Entry:
+    """One annotation record; `get` checks type and presence and names the entry on failure."""
+    path: Path
+    index: int
+    data: dict
+    label: str
+
+    def where(self) -> str:
+        return f"{self.path.name} entry {self.index}" + (f" ({self.label})" if self.label else "")
+
+    def fail(self, msg: str) -> EvalError:
+        return EvalError(f"{self.where()}: {msg}")
+
+    def get(self, key: str, tp, optional: bool = False):
+        if key not in self.data:
+            if optional:
+                return None
+            raise self.fail(f"missing field {key!r}")
+        v = self.data[key]
+        ok = isinstance(v, tp) and not (tp is int and isinstance(v, bool))
+        if not ok:
+            raise self.fail(f"field {key!r} should be {getattr(tp, '__name__', tp)}, got {v!r}")
+        return v
+
+
+def _listdir(folder: Path) -> set[str]:
+    try:
+        with os.scandir(folder) as it:
+            return {e.name for e in it}
+    except OSError:
+        return set()
+
+
+# ----------------------------------------------------------------------------- FashionIQ
+
+def load_fashioniq(root: Path, split: str = "val", protocol: Protocol | None = None,
+                   categories: tuple[str, ...] = FIQ_CATEGORIES) -> Benchmark:
+    protocol = protocol or Protocol()
+    if split not in ("train", "val", "test"):
+        raise EvalError(f"FashionIQ split {split!r}: expected train, val or test")
+    images = root / "images"
+    present = _listdir(images)
+    exts = {"jpg": (".jpg",), "png": (".png",), "auto": (".jpg", ".png")}[protocol.fiq_ext]
+    if protocol.fiq_ext == "auto" and sum(n.endswith(".png") for n in present) > \
+            sum(n.endswith(".jpg") for n in present):
+        exts = (".png", ".jpg")     # a .png mirror: report a missing image under its .png name
+    used_ext: set[str] = set()
+
+    def image_path(asin: str) -> Path:
+        for ext in exts:
+            if asin + ext in present:
+                used_ext.add(ext)
+                return images / (asin + ext)
+        return images / (asin + exts[0])    # expected name; reported as missing by the check
+
+    tasks = []
+    for cat in categories:
+        cap = root / "captions" / f"cap.{cat}.{split}.json"
+        spl = root / "image_splits" / f"split.{cat}.{split}.json"
+        gallery = _read_json(spl, list)
+        for i, g in enumerate(gallery):
+            if not isinstance(g, str):
+                raise EvalError(f"{spl.name} entry {i}: expected an image id string, got {g!r}")
+        if len(set(gallery)) != len(gallery):
+            dup = next(g for i, g in enumerate(gallery) if g in gallery[:i])
+            raise EvalError(f"{spl.name}: image id {dup!r} listed twice")
+        in_split = set(gallery)
+        labelled = split != "test"
+        queries = []
+        for i, raw in enumerate(_read_json(cap, list)):
+            e = _entry(cap, i, raw)
+            ref = e.get("candidate", str)
+            e.label = f"candidate {ref}"
+            caps = e.get("captions", list)
+            if len(caps) != 2 or not all(isinstance(c, str) for c in caps):
+                raise e.fail(f"'captions' should be a list of 2 strings, got {caps!r}")
+            tgt = e.get("target", str, optional=not labelled)
+            if labelled and tgt not in in_split:
+                raise e.fail(f"target {tgt!r} not in {spl.name}")
+            queries.append(Query(f"{cat}:{i}", ref, tuple(caps), tgt, (tgt,) if tgt else (), entry=i))
+        ids = set(gallery) | {q.reference for q in queries}
+        tasks.append(Task(cat, cap, spl, queries, list(gallery), {a: image_path(a) for a in sorted(ids)}))
+    notes = [f"image extension: {'/'.join(sorted(used_ext)) or exts[0]}"]
+    return Benchmark("fashioniq", split, root, tasks, split != "test", notes)
+
+
+# ----------------------------------------------------------------------------- CIRR
+
+def _cirr_split_file(root: Path, split: str) -> tuple[Path, dict[str, Path]]:
+    spl = root / "image_splits" / f"split.rc2.{split}.json"
+    mapping = _read_json(spl, dict)
+    paths = {}
+    for i, (name, rel) in enumerate(mapping.items()):
+        if not isinstance(rel, str):
+            raise EvalError(f"{spl.name} entry {i} ({name}): expected a relative path, got {rel!r}")
+        paths[name] = root / rel.removeprefix("./")
+    return spl, paths
+
+
+def load_cirr(root: Path, split: str = "val", protocol: Protocol | None = None) -> Benchmark:
+    protocol = protocol or Protocol()
+    if split not in CIRR_SPLITS:
+        raise EvalError(f"CIRR split {split!r}: expected val or test1")
+    split = CIRR_SPLITS[split]
+    cap = root / "captions" / f"cap.rc2.{split}.json"
+    spl, own = _cirr_split_file(root, split)
+    labelled = split != "test1"
+    queries, seen = [], {}
+    for i, raw in enumerate(_read_json(cap, list)):
+        e = _entry(cap, i, raw)
+        pid = e.get("pairid", int)
+        e.label = f"pairid {pid}"
+        if pid in seen:
+            raise e.fail(f"pairid {pid} also used by entry {seen[pid]}")
+        seen[pid] = i
+        ref = e.get("reference", str)
+        if ref not in own:
+            raise e.fail(f"reference {ref!r} not in {spl.name}")
+        caption = e.get("caption", str)
+        img_set = e.get("img_set", dict)
+        members = img_set.get("members")
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise e.fail(f"img_set.members should be a non-empty list of image names, got {members!r}")
+        for m in members:
+            if m not in own:
+                raise e.fail(f"img_set member {m!r} not in {spl.name}")
+        tgt = e.get("target_hard", str, optional=not labelled)
+        if labelled and tgt not in own:
+            raise e.fail(f"target_hard {tgt!r} not in {spl.name}")
+        queries.append(Query(str(pid), ref, (caption,), tgt, (tgt,) if tgt else (), tuple(members), entry=i))
+    gallery_paths = dict(own)
+    notes = []
+    if protocol.cirr_gallery == "all":
+        # VISTA/MegaPairs-style: rank against every CIRR split present (not comparable to the standard).
+        for other in ("train", "val", "test1"):
+            f = root / "image_splits" / f"split.rc2.{other}.json"
+            if other != split and f.exists():
+                gallery_paths.update(_cirr_split_file(root, other)[1])
+                notes.append(f"gallery includes {f.name}")
+    task = Task("cirr", cap, spl, queries, list(gallery_paths), gallery_paths)
+    return Benchmark("cirr", split, root, [task], labelled, notes)
+
+
+# ----------------------------------------------------------------------------- CIRCO
+
+def _coco_dirs(root: Path) -> tuple[Path, Path]:
+    tried = []
+    for base in (root / "COCO2017_unlabeled", root):
+        info = base / "annotations" / "image_info_unlabeled2017.json"
+        if info.exists():
+            return info, base / "unlabeled2017"
+        tried.append(str(info))
+    raise EvalError(f"{root}: COCO unlabeled2017 image list not found (looked for {' and '.join(tried)})")
+
+
+def load_circo(root: Path, split: str = "val") -> Benchmark:
+    if split not in CIRCO_SPLITS:
+        raise EvalError(f"CIRCO split {split!r}: expected val or test")
+    ann = root / "annotations" / f"{split}.json"
+    info, img_dir = _coco_dirs(root)
+    images = _read_json(info, dict).get("images")
+    if not isinstance(images, list):
+        raise EvalError(f"{info}: expected an 'images' list")
+    paths: dict[str, Path] = {}
+    for i, im in enumerate(images):
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int):
+            raise EvalError(f"{info.name} images[{i}]: expected an object with an integer 'id'")
+        paths[str(im["id"])] = img_dir / im.get("file_name", f"{im['id']:012d}.jpg")
+    labelled = split == "val"
+    queries, seen = [], {}
+    for i, raw in enumerate(_read_json(ann, list)):
+        e = _entry(ann, i, raw)
+        qid = e.get("id", int)
+        e.label = f"id {qid}"
+        if qid in seen:
+            raise e.fail(f"id {qid} also used by entry {seen[qid]}")
+        seen[qid] = i
+
+        def image(key: str, v=None) -> str:
+            v = e.get(key, int) if v is None else v
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise e.fail(f"{key} should hold integer image ids, got {v!r}")
+            if str(v) not in paths:
+                raise e.fail(f"{key} {v} not in {info.name}")
+            return str(v)
+
+        ref = image("reference_img_id")
+        rel = e.get("relative_caption", str)
+        shared = e.get("shared_concept", str)
+        tgt, gt, aspects = None, (), ()
+        if labelled:
+            tgt = image("target_img_id")
+            gts = e.get("gt_img_ids", list)
+            gt = tuple(image("gt_img_ids", v) for v in gts)
+            if not gt or gt[0] != tgt:
+                raise e.fail(f"gt_img_ids should start with target_img_id {tgt}, got {gts[:3]}")
+            if len(set(gt)) != len(gt):
+                raise e.fail("gt_img_ids lists an image twice")
+            aspects = tuple(e.get("semantic_aspects", list, optional=True) or ())
+        queries.append(Query(str(qid), ref, (rel,), tgt, gt, shared_concept=shared, aspects=aspects, entry=i))
+    task = Task("circo", ann, info, queries, list(paths), paths)
+    return Benchmark("circo", split, root, [task], labelled)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+CheckLevel = Literal["exists", "header", "decode"]
+
+
+def find_bad_images(bench: Benchmark, level: CheckLevel = "header") -> dict[str, str]:
+    """Image files that are missing or unreadable: {path: reason}.
+
+    `exists` only looks the name up in its folder; `header` also opens it with PIL (catches empty
+    and non-image files at a few microseconds each); `decode` decodes every pixel (slow).
+    """
+    from PIL import Image
+
+    listing: dict[Path, set[str]] = {}
+    bad: dict[str, str] = {}
+    checked: set[Path] = set()
+    for task in bench.tasks:
+        for p in task.paths.values():
+            if p in checked:
+                continue
+            checked.add(p)
+            names = listing.get(p.parent)
+            if names is None:
+                names = listing[p.parent] = _listdir(p.parent)
+            if p.name not in names:
+                bad[str(p)] = "missing"
+                continue
+            if level == "exists":
+                continue
+            try:
+                with Image.open(p) as im:
+                    if level == "decode":
+                        im.load()
+            except Exception as e:  # noqa: BLE001 - any failure to read is "unreadable"
+                bad[str(p)] = f"unreadable: {type(e).__name__}"
+    return bad
+
+
+def _bad_ids(task: Task, bad: dict[str, str]) -> set[str]:
+    return {i for i, p in task.paths.items() if str(p) in bad}
+
+
+def _affected(q: Query, ids: set[str]) -> bool:
+    return q.reference in ids or any(g in ids for g in q.gt) or any(m in ids for m in q.members)
+
+
+def integrity_error(bench: Benchmark, bad: dict[str, str]) -> EvalError:
+    n_q = sum(_affected(q, _bad_ids(t, bad)) for t in bench.tasks for q in t.queries)
+    first = ", ".join(f"{_rel(p, bench.root)} ({why})" for p, why in list(bad.items())[:5])
+    return EvalError(
+        f"{len(bad)} image(s) missing or unreadable under {bench.root} (first: {first}); "
+        f"{n_q} of {bench.n_queries} queries affected. No number is reported on an incomplete "
+        "benchmark: restore the images, or pass --allow-missing (protocol missing=drop) to drop the "
+        "affected queries, which is reported with the results.")
+
+
+def _rel(p: str, root: Path) -> str:
+    try:
+        return str(Path(p).relative_to(root))
+    except ValueError:
+        return p
+
+
+def drop_bad_images(bench: Benchmark, bad: dict[str, str]) -> tuple[Benchmark, dict]:
+    """Remove bad images and the queries that cannot be scored without them; report both.
+
+    A query is dropped when its reference or its target is bad (Pic2Word drops unreadable
+    FashionIQ queries the same way, silently; we report it). Bad images leave the gallery; a CIRR
+    query losing a non-target set member, or a CIRCO query losing a non-target ground truth, is
+    kept with the smaller set and counted as changed. On unlabelled (test) splits nothing can be
+    dropped, because a server submission must cover every query.
+    """
+    tasks, dropped, changed, examples = [], 0, 0, []
+    for task in bench.tasks:
+        ids = _bad_ids(task, bad)
+        keep = []
+        for q in task.queries:
+            if q.reference in ids or (q.target is not None and q.target in ids):
+                if not bench.labelled:
+                    raise EvalError(
+                        f"{task.annotation.name} entry {q.entry} (id {q.qid}): reference image "
+                        f"{_rel(str(task.paths[q.reference]), bench.root)} is {bad[str(task.paths[q.reference])]}; "
+                        "a test-server submission must cover every query, so it cannot be dropped")
+                dropped += 1
+                if len(examples) < 5:
+                    examples.append(f"{task.annotation.name} entry {q.entry} (id {q.qid})")
+                continue
+            if _affected(q, ids):
+                changed += 1
+                q = replace(q, gt=tuple(g for g in q.gt if g not in ids),
+                            members=tuple(m for m in q.members if m not in ids))
+            keep.append(q)
+        tasks.append(replace(task, queries=keep, gallery=[g for g in task.gallery if g not in ids]))
+    report = {
+        "bad_images": len(bad),
+        "bad_examples": [f"{_rel(p, bench.root)} ({why})" for p, why in list(bad.items())[:5]],
+        "queries_total": bench.n_queries,
+        "queries_dropped": dropped,
+        "dropped_examples": examples,
+        "queries_changed": changed,
+        "handling": "dropped queries whose reference or target image is missing or unreadable "
+                    "(as Pic2Word); removed those images from the gallery; queries that lost other "
+                    "set members / ground truths were kept with the smaller set",
+    }
+    return replace(bench, tasks=tasks), report
