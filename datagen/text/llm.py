@@ -1,0 +1,125 @@
+"""What every LLM backend shares: the request/reply types, the backend registry, and the two
+pipeline components built on them (`LLMEditor` for the edits stage; the caption writer lives in
+`datagen.text.sources`).
+
+A backend (transformers, vllm, openai) is anything with `format` ("chat" or "completion", resolved
+from the model where the recipe says `auto`), `generate(requests) -> replies` (same order, one
+reply per request, never raising for one bad request) and `describe()` (what to record per triplet).
+Each request carries its own seed, derived from the candidate, so a candidate's text does not
+depend on which batch it was in (up to the numerics of batched kernels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..candidate import Candidate
+from .prompt import (EDIT_SCHEMA, END, Limits, edit_messages, edit_prompt, load_edit_examples,
+                     parse_edit, pick_examples)
+
+RAW_KEEP = 400   # characters of a rejected reply kept in the rejects shard, for debugging
+
+
+@dataclass
+class Request:
+    seed: int
+    messages: list[dict] | None = None     # chat format
+    prompt: str | None = None              # completion format
+    schema: dict | None = None             # JSON schema the reply must follow (chat)
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    finish_reason: str = "stop"            # "stop" or "length" (truncated)
+    error: str | None = None               # "server_error" or "timeout": no text at all
+
+
+class TextGenerator(Protocol):
+    format: str
+
+    def generate(self, requests: list[Request]) -> list[Reply]: ...
+
+    def describe(self) -> dict: ...
+
+
+def load_generator(backend: str, cfg) -> TextGenerator:
+    """The backend named `backend` for an `LLMConfig`; heavy imports happen inside the backend."""
+    if backend == "transformers":
+        from .hf_backend import TransformersGenerator
+        return TransformersGenerator(cfg)
+    if backend == "vllm":
+        from .vllm_backend import VLLMGenerator
+        return VLLMGenerator(cfg)
+    if backend == "openai":
+        from .openai_backend import OpenAIGenerator
+        return OpenAIGenerator(cfg)
+    raise ValueError(f"unknown LLM backend {backend!r}; known: transformers, vllm, openai")
+
+
+def request_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(2**31 - 1))
+
+
+def make_request(fmt: str, seed: int, messages: list[dict], prompt: str, schema: dict,
+                 stop: list[str], structured: bool = True) -> Request:
+    if fmt == "chat":
+        return Request(seed, messages=messages, schema=schema if structured else None)
+    return Request(seed, prompt=prompt, stop=stop)
+
+
+class LLMEditor:
+    """Edits stage: caption -> (instruction, edited caption) with any LLM backend.
+
+    Every candidate gets exactly one outcome: its fields, or a counted reject reason
+    (text_malformed / text_empty / text_too_long / text_noop / text_truncated /
+    text_server_error / text_timeout)."""
+
+    def __init__(self, recipe, generator: TextGenerator | None = None):
+        cfg = recipe.edits
+        self.name = cfg.backend
+        self.cfg = cfg.llm
+        self.gen = generator if generator is not None else load_generator(cfg.backend, cfg.llm)
+        self.examples = load_edit_examples(cfg.examples_file)
+        self.limits = Limits(cfg.max_instruction_words, cfg.max_caption_words)
+
+    def _request(self, c: Candidate, rng: np.random.Generator, fmt: str) -> tuple[Request, dict]:
+        seed = request_seed(rng)
+        shots = pick_examples(self.examples, self.cfg.examples, rng)
+        req = make_request(fmt, seed, edit_messages(c.source_caption, shots),
+                           edit_prompt(c.source_caption, shots), EDIT_SCHEMA, [END], self.cfg.structured)
+        return req, {"seed": seed, "examples": [self.examples.index(e) for e in shots]}
+
+    def __call__(self, batch: list[Candidate]) -> None:
+        fmt = self.gen.format
+        info = {**self.gen.describe(), "format": fmt}
+        rngs = {id(c): c.rng("edits") for c in batch}
+        todo = list(batch)
+        for attempt in range(self.cfg.attempts):
+            # Attempt k of a candidate draws from its own rng stream: the result does not depend
+            # on which other candidates needed another attempt.
+            built = [self._request(c, rngs[id(c)], fmt) for c in todo]
+            replies = self.gen.generate([r for r, _ in built])
+            if len(replies) != len(todo):
+                raise RuntimeError(f"{self.name}: {len(replies)} replies for {len(todo)} requests")
+            retry = []
+            for c, (_, meta), r in zip(todo, built, replies):
+                c.generator["edits"] = {**info, **meta, "attempt": attempt + 1}
+                reason = f"text_{r.error}" if r.error else None
+                if reason is None:
+                    p = parse_edit(r.text, c.source_caption, fmt, self.limits, r.finish_reason)
+                    if p.ok:
+                        c.modification_text, c.target_caption, c.edit_type = p.instruction, p.edited_caption, "llm"
+                        continue
+                    reason = p.reason
+                    c.generator["edits"]["raw"] = r.text[:RAW_KEEP]
+                if attempt + 1 < self.cfg.attempts:
+                    retry.append(c)
+                else:
+                    c.reject(reason)
+            todo = retry
+            if not todo:
+                break
