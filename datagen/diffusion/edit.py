@@ -1,0 +1,72 @@
+"""`diffusers-edit` image backend: a text-to-image model renders the source caption (the
+reference), then an instruction-editing model (InstructPix2Pix) turns the reference and the
+modification text into the target.
+
+Per sample, from the candidate's seeded rng: reference seed and text CFG ~ U(guidance), then edit
+seed, edit text CFG ~ U(edit_guidance) and image CFG ~ U(image_guidance) (higher stays closer to
+the reference; drawing it per sample sweeps edit strength, and best-of-k keeps the best).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..candidate import Candidate
+from ..recipe import GenRecipe
+from .backend import SEED_RANGE, DiffusionImages, DirectionalScorer, Sample, uniform
+from .generate import check_image, edit_images, text_to_image, to_pil
+from .paired import dtype_name, model_name
+
+
+class DiffusersEdit(DiffusionImages):
+    name = "diffusers-edit"
+
+    def __init__(self, recipe: GenRecipe, pipe=None, edit_pipe=None, scorer: DirectionalScorer | None = None):
+        super().__init__(recipe, scorer)
+        cfg = self.cfg
+        from .loading import load_pipeline
+
+        self.model = model_name(pipe, cfg.model, pipe is None)
+        self.edit_model = model_name(edit_pipe, cfg.edit_model, edit_pipe is None)
+        self.pipe = pipe if pipe is not None else load_pipeline(
+            cfg.model, "t2i", cfg.dtype, cfg.device, cfg.variant, cfg.scheduler, cfg.safety_checker)
+        self.edit_pipe = edit_pipe if edit_pipe is not None else load_pipeline(
+            cfg.edit_model, "edit", cfg.dtype, cfg.device, cfg.variant, cfg.scheduler, cfg.safety_checker)
+
+    def ready(self, c: Candidate) -> str | None:
+        return None if c.source_caption and c.modification_text else "missing source caption or instruction"
+
+    def draw(self, rng: np.random.Generator, cand: int, index: int, attempt: int) -> Sample:
+        seed = int(rng.integers(SEED_RANGE))
+        guidance = uniform(rng, self.cfg.guidance)
+        edit_seed = int(rng.integers(SEED_RANGE))
+        return Sample(cand, index, attempt, seed, guidance, edit_seed=edit_seed,
+                      edit_guidance=uniform(rng, self.cfg.edit_guidance),
+                      image_guidance=uniform(rng, self.cfg.image_guidance))
+
+    def generate(self, samples: list[Sample], batch: list[Candidate]) -> None:
+        r, cfg = self.images_cfg.resolution, self.cfg
+        refs, flags = text_to_image(self.pipe, [batch[s.cand].source_caption for s in samples],
+                                    [s.seed for s in samples], [s.guidance for s in samples], cfg.steps, r, r,
+                                    cfg.negative_prompt)
+        ok = []
+        for j, s in enumerate(samples):
+            s.ref = refs[j]
+            s.error = check_image(s.ref) or ("image_nsfw" if flags is not None and flags[j] else None)
+            if s.error is None:
+                ok.append(s)
+        if not ok:
+            return
+        tgts, flags = edit_images(self.edit_pipe, [batch[s.cand].modification_text for s in ok],
+                                  [to_pil(s.ref) for s in ok], [s.edit_seed for s in ok],
+                                  [s.edit_guidance for s in ok], [s.image_guidance for s in ok], cfg.edit_steps,
+                                  cfg.negative_prompt)
+        for j, s in enumerate(ok):
+            s.tgt = tgts[j]
+            if flags is not None and flags[j]:
+                s.error = "image_nsfw"
+
+    def settings(self) -> dict:
+        return {"model": self.model, "steps": self.cfg.steps, "edit_model": self.edit_model,
+                "edit_steps": self.cfg.edit_steps, "scheduler": type(self.pipe.scheduler).__name__,
+                "edit_scheduler": type(self.edit_pipe.scheduler).__name__, "dtype": dtype_name(self.pipe),
+                "resolution": self.images_cfg.resolution}

@@ -1,0 +1,83 @@
+"""Loading diffusers pipelines by hub id or local path; dtype, device and scheduler choices.
+
+Hub ids resolve from the local cache only when HF_HUB_OFFLINE is set (or the name is a folder), so
+CI never touches the network. Imports of torch/diffusers happen inside functions: `datagen` stays
+importable without them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SCHEDULERS = {
+    "euler_a": "EulerAncestralDiscreteScheduler",    # IP2P's sampler (k-diffusion Euler ancestral)
+    "euler": "EulerDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp": "DPMSolverMultistepScheduler",
+}
+
+
+# SD 1.x's noise schedule: the default when a scheduler is built without a model config (tiny models).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   steps_offset=1)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """auto: bf16 on CUDA GPUs that have it (no fp16 overflow -> fewer NaN images), else fp16; fp32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def make_scheduler(name: str, config: dict | None = None):
+    """A scheduler by short name, built from `config` (the model's own scheduler config) if given."""
+    import diffusers
+
+    if name == "default":
+        if config is None:
+            name = "euler_a"
+        else:
+            return getattr(diffusers, config["_class_name"]).from_config(config)
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: default, {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    return cls.from_config(config if config is not None else SD_SCHEDULE)
+
+
+def load_pipeline(model: str, kind: str, dtype: str = "auto", device: str = "auto", variant: str | None = None,
+                  scheduler: str = "default", safety_checker: bool = False):
+    """Load a text-to-image (`kind="t2i"`, SD 1.x/2.x, SDXL, SDXL-Turbo: chosen from model_index.json)
+    or instruction-editing (`kind="edit"`, InstructPix2Pix) pipeline and move it to the device."""
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
+
+    dev = resolve_device(device)
+    local = Path(model).is_dir()
+    kw: dict = {"dtype": resolve_dtype(dtype, dev), "local_files_only": local or hub_offline()}
+    if variant:
+        kw["variant"] = variant
+    index = DiffusionPipeline.load_config(model, local_files_only=kw["local_files_only"])
+    if "safety_checker" in index and not safety_checker:
+        # Triplet generation filters with CLIP later; the checker would black out images silently.
+        kw.update(safety_checker=None, requires_safety_checker=False)
+    cls = StableDiffusionInstructPix2PixPipeline if kind == "edit" else AutoPipelineForText2Image
+    pipe = cls.from_pretrained(model, **kw)
+    if scheduler != "default":
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)

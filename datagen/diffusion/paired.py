@@ -1,0 +1,58 @@
+"""`diffusers-paired` image backend: one text-to-image model renders the source and the edited
+caption from the same seed, sharing self-attention for the first fraction p of the steps
+(InstructPix2Pix's paired generation; what is shared is documented in `attention.py`).
+
+Per sample, from the candidate's seeded rng: seed, p ~ U(share_fraction), text CFG ~ U(guidance).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..candidate import Candidate
+from ..recipe import GenRecipe
+from .backend import SEED_RANGE, DiffusionImages, DirectionalScorer, Sample, uniform
+from .generate import generate_pairs
+
+
+def model_name(pipe, configured: str, loaded: bool) -> str:
+    return configured if loaded else (getattr(pipe, "name_or_path", None) or f"prebuilt:{type(pipe).__name__}")
+
+
+def dtype_name(pipe) -> str:
+    return str(pipe.unet.dtype).replace("torch.", "")
+
+
+class DiffusersPaired(DiffusionImages):
+    name = "diffusers-paired"
+
+    def __init__(self, recipe: GenRecipe, pipe=None, scorer: DirectionalScorer | None = None):
+        super().__init__(recipe, scorer)     # checks the scorer before any model is loaded
+        cfg = self.cfg
+        loaded = pipe is None
+        if loaded:
+            from .loading import load_pipeline
+
+            pipe = load_pipeline(cfg.model, "t2i", cfg.dtype, cfg.device, cfg.variant, cfg.scheduler,
+                                 cfg.safety_checker)
+        self.pipe = pipe
+        self.model = model_name(pipe, cfg.model, loaded)
+
+    def draw(self, rng: np.random.Generator, cand: int, index: int, attempt: int) -> Sample:
+        seed = int(rng.integers(SEED_RANGE))
+        return Sample(cand, index, attempt, seed, p=uniform(rng, self.cfg.share_fraction),
+                      guidance=uniform(rng, self.cfg.guidance))
+
+    def generate(self, samples: list[Sample], batch: list[Candidate]) -> None:
+        r = self.images_cfg.resolution
+        src, tgt, flags, shared = generate_pairs(
+            self.pipe, [batch[s.cand].source_caption for s in samples], [batch[s.cand].target_caption for s in samples],
+            [s.seed for s in samples], [s.p for s in samples], [s.guidance for s in samples], self.cfg.steps, r, r,
+            self.cfg.share, self.cfg.negative_prompt)
+        for j, s in enumerate(samples):
+            s.ref, s.tgt, s.shared_steps = src[j], tgt[j], shared[j]
+            if flags is not None and flags[j]:
+                s.error = "image_nsfw"
+
+    def settings(self) -> dict:
+        return {"model": self.model, "steps": self.cfg.steps, "scheduler": type(self.pipe.scheduler).__name__,
+                "dtype": dtype_name(self.pipe), "resolution": self.images_cfg.resolution, "share": self.cfg.share}
