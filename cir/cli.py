@@ -20,9 +20,11 @@ def _guard(fn, *args, **kwargs):
     from datagen.schema import DatasetError
     from datagen.store import StoreError
 
+    from .data import DataError
+
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, StoreError, DatasetError, PipelineError) as e:
+    except (ConfigError, StoreError, DatasetError, PipelineError, DataError) as e:
         raise _Fail(str(e)) from None
 
 
@@ -114,6 +116,164 @@ def eval_clip(weights, scenes, as_json) -> None:
     clip = load_clip("shapes-clip", pretrained=weights)
     res = {"retrieval": evaluate(clip, n_scenes=scenes), "pairs": pair_similarities(clip)}
     click.echo(json.dumps(res, indent=2 if as_json else None, sort_keys=True))
+
+
+@main.command()
+@click.option("--recipe", default="stage1-shapes", show_default=True, help="A name in recipes/train/ or a YAML path.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def stage1(recipe, out, resume, overrides) -> None:
+    """Stage I: train the token learner (+ VSI) that maps an image to pseudo-word tokens."""
+    from cir.stage1 import load_stage1_recipe, run_stage1
+
+    r = _guard(load_stage1_recipe, recipe, list(overrides))
+    res = _guard(run_stage1, r, out, resume=resume, log=lambda s: click.echo(s, err=True))
+    click.echo(json.dumps(res.get("eval", res.get("train")), sort_keys=True))
+
+
+@main.command()
+@click.argument("datasets", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Report folder (created or updated); open OUT/index.html in a browser.")
+@click.option("--no-rejects", is_flag=True, help="Leave out the rejected candidates (rejects/).")
+@click.option("--thumb-size", default=128, show_default=True, help="Longest side of thumbnails, px.")
+@click.option("--title", default=None, help="Report title.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def browse(datasets, out, no_rejects, thumb_size, title, as_json) -> None:
+    """Static HTML report of triplet dataset(s): cards, filters, scores, charts (opens from disk)."""
+    from datagen.report import ReportError, write_dataset_report
+
+    try:
+        res = _guard(write_dataset_report, list(datasets), out, rejects=not no_rejects,
+                     thumb_size=thumb_size, title=title)
+    except ReportError as e:
+        raise _Fail(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2, sort_keys=True))
+        return
+    click.echo(f"{res.rows} rows ({res.kept} kept, {res.rejected} rejected) in {res.seconds:.1f} s; "
+               f"thumbnails: {res.thumbs_written} written, {res.thumbs_reused} reused"
+               + (f", {res.images_unreadable} images unreadable" if res.images_unreadable else ""))
+    click.echo(f"open {res.index_html.resolve().as_uri()}")
+
+
+@main.command("eval")
+@click.option("--model", "model_spec", required=True,
+              help="image-only, text-only, sum (CLIP baselines) or a trained run folder.")
+@click.option("--dataset", type=click.Choice(["fashioniq", "cirr", "circo", "shapes-cirr", "shapes-circo"]),
+              required=True)
+@click.option("--root", type=click.Path(path_type=Path), required=True, help="Benchmark folder (official layout).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@click.option("--submission", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for test-server files (required for test splits).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write results.json and results.csv here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--allow-missing", is_flag=True,
+              help="Drop queries whose images are missing or unreadable (reported) instead of failing.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Protocol choice, e.g. --set fiq_order=c2c1 --set template=pic2word.")
+@click.option("--clip", "clip_name", default="shapes-clip", show_default=True, help="CLIP for the baselines.")
+@click.option("--weights", default=None, help="CLIP weights for the baselines: a file, a tag, or 'random'.")
+@click.option("--check", type=click.Choice(["exists", "header", "decode"]), default="header", show_default=True,
+              help="How deeply image files are checked before evaluating.")
+def eval_cmd(model_spec, dataset, root, split, submission, out_dir, as_json, allow_missing, overrides,
+             clip_name, weights, check) -> None:
+    """Evaluate a model on FashionIQ, CIRR, CIRCO or a shapes benchmark (protocol printed with the numbers)."""
+    from datagen.config import ConfigError
+    from cir.eval import EvalError
+    from cir.eval.baselines import resolve_model
+    from cir.eval.harness import EvalOptions, evaluate, write_results
+    from cir.eval.protocol import build_protocol
+
+    log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
+    try:
+        protocol = build_protocol(list(overrides))
+        model = resolve_model(model_spec, clip_name, weights, protocol.preprocess, protocol.target_ratio)
+        result = evaluate(model, dataset, root, split, protocol,
+                          EvalOptions(allow_missing=allow_missing, check=check, submission=submission), log=log)
+        files = write_results(result, out_dir) if out_dir else []
+    except (EvalError, ConfigError) as e:
+        raise _Fail(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(result.table())
+    for f in files:
+        click.echo(f"wrote {f}")
+
+
+@main.group()
+def benchmark() -> None:
+    """Write benchmarks (the shapes-world CIRR and CIRCO lookalikes)."""
+
+
+@benchmark.command("shapes")
+@click.option("--format", "fmt", type=click.Choice(["cirr", "circo"]), required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--queries", type=int, default=1000, show_default=True, help="Queries per split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resolution", type=int, default=128, show_default=True)
+@click.option("--split", "splits", type=click.Choice(["val", "test"]), multiple=True,
+              help="Splits to write (default: val; test has no targets, as on the servers).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+def benchmark_shapes(fmt, out, queries, seed, resolution, splits, overwrite) -> None:
+    """Held-out shapes scenes and phrasing in the exact CIRR or CIRCO layout."""
+    from datagen.world.benchmark import write_shapes_benchmark
+
+    try:
+        summary = write_shapes_benchmark(out, fmt, queries, seed, resolution, tuple(splits) or ("val",), overwrite)
+    except (ValueError, FileExistsError) as e:
+        raise _Fail(str(e)) from None
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option("--recipe", default="stage2-shapes", show_default=True, help="A name in recipes/train/ or a YAML path.")
+@click.option("--triplets", type=click.Path(exists=True, path_type=Path), required=True,
+              help="A cirgen dataset folder (or a TransAgg/CIRR JSON file with --set triplets.format=...).")
+@click.option("--stage1", "stage1_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--max-triplets", type=int, default=None, help="Deterministic subsample of N triplets.")
+@click.option("--where", multiple=True, metavar="COND", help="Filter on stored columns, e.g. 'score_clip_dir>=0.2'.")
+@click.option("--resume", is_flag=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def stage2(recipe, triplets, stage1_run, out, max_triplets, where, resume, overrides) -> None:
+    """Stage II: train composing adapters on self-made triplets with hard negatives."""
+    from cir.stage2 import load_stage2_recipe, run_stage2
+
+    sets = list(overrides) + [f"triplets.path={triplets}"]
+    if max_triplets is not None:
+        sets.append(f"triplets.max_triplets={max_triplets}")
+    r = _guard(load_stage2_recipe, recipe, sets)
+    if where:
+        r.triplets.where = list(r.triplets.where) + list(where)
+    res = _guard(run_stage2, r, stage1_run, out, resume=resume, log=lambda s: click.echo(s, err=True))
+    click.echo(json.dumps(res, sort_keys=True, default=str))
+
+
+@main.command()
+@click.option("--model", "model_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of images to search (features cached).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--text", required=True, help="Modification text.")
+@click.option("--top-k", default=10, show_default=True)
+@click.option("--prompt", default="a photo of $ that {}", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def search(model_run, gallery, image, text, top_k, prompt, as_json) -> None:
+    """Composed retrieval: find gallery images matching (reference image, modification text)."""
+    from cir.search import GalleryIndex
+
+    index = _guard(GalleryIndex.build, model_run, gallery)
+    hits = index.query(image, text, top_k=top_k, prompt=prompt)
+    if as_json:
+        click.echo(json.dumps([{"path": str(p), "score": s} for p, s in hits], indent=2))
+    else:
+        for rank, (p, s) in enumerate(hits, 1):
+            click.echo(f"{rank:3d}  {s:.4f}  {p}")
 
 
 if __name__ == "__main__":  # pragma: no cover

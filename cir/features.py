@@ -33,7 +33,7 @@ class Features:
     ids: list[str]
 
     def tensors(self, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
-        g = torch.from_numpy(np.ascontiguousarray(self.global_[idx]))
+        g = torch.from_numpy(np.array(self.global_[idx], dtype=np.float32))
         p = None if self.patch is None else torch.from_numpy(np.asarray(self.patch[idx], dtype=np.float32))
         return g, p
 

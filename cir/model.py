@@ -122,7 +122,8 @@ def load_run(path: str | Path, device: str = "cpu", use_composer: bool = True) -
     if not meta_path.exists():
         raise FileNotFoundError(f"{path}: not a cirgen model run (no model.json)")
     meta = json.loads(meta_path.read_text())
-    clip = CIRClip.load(meta["clip"]["name"], meta["clip"].get("pretrained"), device)
+    clip = CIRClip.load(meta["clip"]["name"], meta["clip"].get("pretrained"), device,
+                        random_init=meta["clip"].get("random_init", False))
     if meta.get("clip_weights_id") not in (None, clip.weights_id):
         raise ValueError(f"{path}: trained on CLIP weights {meta['clip_weights_id']}, "
                          f"but {meta['clip']['name']} loads {clip.weights_id}")

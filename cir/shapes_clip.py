@@ -1,9 +1,14 @@
 """Train and measure shapes-CLIP: a small open_clip model learned from scratch on the shapes world.
 
 Training is plain CLIP (open_clip's contrastive loss) on an endless, seeded stream of rendered
-scenes and their training-phrase captions. Half of each batch are pairs one faithful edit apart
-(same poses, one attribute changed), so colour alone never separates a batch and shape, size and
-position must be learned. The data of step k depends only on (seed, k): a resumed run sees exactly
+scenes and their training-phrase captions. Two design choices make shape and position learnable
+(with complete captions colour and background alone separate almost any batch, and a first
+design learned shape and position at chance level):
+- half of each batch are pairs one faithful edit apart (same poses; change of shape, position,
+  size or colour), so the pair can only be told apart by that attribute;
+- half of the captions are *partial*: each of size, colour, position and background is left out
+  with probability 1/2 (at least one), e.g. "a triangle and a square at the center", so the
+  shape words (always present) and the position words must be grounded in the image. The data of step k depends only on (seed, k): a resumed run sees exactly
 the batches an uninterrupted run sees.
 
 Evaluation uses held-out scenes (a hash partition of the scene space never sampled in training)
@@ -38,6 +43,8 @@ class PretrainConfig:
     weight_decay: float = 0.1
     warmup: int = 200
     pair_fraction: float = 0.5       # share of the batch made of one-edit-apart scene pairs
+    pair_types: list[str] = field(default_factory=lambda: ["reshape", "move", "resize", "recolor"])
+    partial_fraction: float = 0.5    # share of captions that leave attributes out (see below)
     min_objects: int = 1
     max_objects: int = 4
     resolution: int = 128            # rendered size; the model's preprocess resizes to 64
@@ -46,9 +53,13 @@ class PretrainConfig:
     eval_scenes: int = 300
     threads: int = 2
     loader_workers: int = 1
+    stop_after: int | None = None    # stop early (as if interrupted); not part of the run's identity
 
 
 # ----------------------------------------------------------------------------- data
+
+_OMITTABLE = ("size", "color", "position", "background")
+
 
 class _StepBatches(torch.utils.data.Dataset):
     """Item k is the whole batch of step k: images [B,3,64,64] and tokens [B,ctx]."""
@@ -61,6 +72,14 @@ class _StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.cfg.steps
 
+    def _omit(self, rng: np.random.Generator) -> frozenset:
+        if rng.random() >= self.cfg.partial_fraction:
+            return frozenset()
+        while True:
+            omit = frozenset(a for a in _OMITTABLE if rng.random() < 0.5)
+            if omit:
+                return omit
+
     def __getitem__(self, step: int):
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
@@ -69,13 +88,13 @@ class _StepBatches(torch.utils.data.Dataset):
         for _ in range(n_pairs):
             s = sample_scene(rng, cfg.min_objects, cfg.max_objects, split="train")
             for _try in range(8):
-                t = sample_edit(s, rng, self.phrases, cfg.max_objects).target
+                t = sample_edit(s, rng, self.phrases, cfg.max_objects, tuple(cfg.pair_types)).target
                 if t != s and not _heldout(t):
                     break
             scenes += [s, t]
         while len(scenes) < cfg.batch_size:
             scenes.append(sample_scene(rng, cfg.min_objects, cfg.max_objects, split="train"))
-        captions = [self.phrases.caption(s, rng) for s in scenes]
+        captions = [self.phrases.caption(s, rng, self._omit(rng)) for s in scenes]
         images = torch.stack([self.preprocess(render(s, int(rng.integers(2**31)), self.render_cfg))
                               for s in scenes])
         return images, self.tokenizer(captions)
@@ -136,12 +155,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     cfg_path, state_path = out / "config.json", out / "state.pt"
+    ident = {k: v for k, v in asdict(cfg).items() if k != "stop_after"}
     if cfg_path.exists():
-        prev = json.loads(cfg_path.read_text())
-        if prev != asdict(cfg):
+        prev = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k != "stop_after"}
+        if prev != ident:
             raise ValueError(f"{out} holds a run with a different config; use a new --out")
     else:
-        cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+        cfg_path.write_text(json.dumps(ident, indent=2))
 
     model, preprocess, tokenizer = build_model(cfg.seed)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -154,8 +174,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
         log(f"resuming at step {start}")
     loss_fn = ClipLoss()
     data = _StepBatches(cfg, preprocess, tokenizer)
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=range(start, cfg.steps), num_workers=cfg.loader_workers,
+        data, batch_size=None, sampler=range(start, end), num_workers=cfg.loader_workers,
         prefetch_factor=4 if cfg.loader_workers else None, persistent_workers=False)
     metrics_f = open(out / "metrics.jsonl", "a")
     model.train()
@@ -186,13 +207,19 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
             log(json.dumps({"step": step, **ev}))
         metrics_f.write(json.dumps(rec) + "\n")
         metrics_f.flush()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_after:
             _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                                 "elapsed": time.time() - t0}, state_path)
+        if cfg.stop_after is not None and step >= cfg.stop_after:
+            break
     bar.close()
     metrics_f.close()
-    return export(model, cfg.seed, out / "shapes-clip.safetensors",
-                  {"steps": str(cfg.steps), "train_seconds": f"{time.time() - t0:.0f}"})
+    # An early stop exports too (named by its step), so a checkpoint of a longer schedule can be
+    # shipped and reproduced exactly with `--set stop_after=N`.
+    name = "shapes-clip.safetensors" if step >= cfg.steps else f"shapes-clip-step{step}.safetensors"
+    return export(model, cfg.seed, out / name,
+                  {"steps_done": str(step), "steps_scheduled": str(cfg.steps),
+                   "train_seconds": f"{time.time() - t0:.0f}"})
 
 
 def export(model, seed: int, path: Path, extra_meta: dict | None = None) -> Path:

@@ -1,4 +1,7 @@
-"""Caption sources: where the source captions (and, in the shapes world, scenes) come from."""
+"""Caption sources: where the source captions (and, in the shapes world, scenes) come from.
+
+Registry: `shapes` (here), `file` / `hf_disk` / `llm` (datagen.text.sources).
+"""
 from __future__ import annotations
 
 from .candidate import Candidate
@@ -23,5 +26,16 @@ class ShapesCaptions:
             c.source_caption = self.phrases.caption(c.source_scene, rng)
 
 
-def build_captions(recipe: GenRecipe):
-    return {"shapes": ShapesCaptions}[recipe.captions.source](recipe)
+def build_captions(recipe: GenRecipe, seed: int | None = None):
+    """The caption source of the recipe. `seed` (the run's seed; default: the recipe's) keys
+    which pool caption or topic each candidate gets (datagen.text.assign)."""
+    source = recipe.captions.source
+    if source == "shapes":
+        return ShapesCaptions(recipe)
+    from .text.sources import LLMCaptions, PoolCaptions   # light; LLM engines load lazily inside
+
+    if source in ("file", "hf_disk"):
+        return PoolCaptions(recipe, seed)
+    if source == "llm":
+        return LLMCaptions(recipe, seed)
+    raise ValueError(f"unknown caption source {source!r}")

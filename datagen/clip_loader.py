@@ -131,8 +131,13 @@ def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: st
     """
     import open_clip
 
+    import torch
+
     _register_shapes_config()
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+    # Random weights are seeded so that every process (workers, a later load_run) builds the same model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
     weights_id = "random"
     if not random_init:
         source = pretrained

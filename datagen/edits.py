@@ -1,11 +1,14 @@
 """Text stage: (source caption[, scene]) -> (modification text, edited caption).
 
 `rules` on the shapes world edits the ground-truth scene and, for the `low` tier, injects the
-failure modes of real generators at the recipe's rates, labelling each triplet.
+failure modes of real generators at the recipe's rates, labelling each triplet. The backends for
+real captions (keywords, transformers, vllm, openai) live in `datagen.text`; `build_edits` is the
+one registry.
 """
 from __future__ import annotations
 
 from .candidate import Candidate
+from .config import ConfigError
 from .recipe import GenRecipe
 from .world.editor import FAILURES, inject_failure, sample_edit
 from .world.phrases import load_phrases
@@ -52,4 +55,24 @@ class RulesSceneEditor:
 
 
 def build_edits(recipe: GenRecipe):
-    return {"rules": RulesSceneEditor}[recipe.edits.backend](recipe)
+    """The text-stage backend of the recipe (the one registry of edit backends):
+
+    rules         shapes-world scene edits (needs captions.source: shapes)
+    keywords      keyword substitution in real captions, CompoDiff-style (no model)
+    transformers  any causal LM through transformers (CPU/GPU)
+    vllm          offline batched vLLM with JSON-schema output (the `vllm` extra)
+    openai        any OpenAI-compatible server, e.g. `vllm serve`
+    """
+    backend = recipe.edits.backend
+    if backend == "rules":
+        if recipe.captions.source != "shapes":
+            raise ConfigError(f"edits.backend rules edits shapes-world scenes, but captions.source is "
+                              f"{recipe.captions.source!r}; use keywords or an LLM backend for real captions")
+        return RulesSceneEditor(recipe)
+    if backend == "keywords":
+        from .text.keywords import KeywordEditor
+        return KeywordEditor(recipe)
+    if backend in ("transformers", "vllm", "openai"):
+        from .text.llm import LLMEditor
+        return LLMEditor(recipe)
+    raise ValueError(f"unknown edits backend {backend!r}")

@@ -1,4 +1,8 @@
-"""Image stage: (caption, edited caption[, scenes]) -> (reference image, target image) bytes."""
+"""Image stage: (caption, edited caption[, scenes]) -> (reference image, target image) bytes.
+
+Backends: `shapes` (the procedural renderer, here), `diffusers-paired` and `diffusers-edit`
+(datagen.diffusion, imported only when chosen).
+"""
 from __future__ import annotations
 
 from .candidate import Candidate
@@ -26,5 +30,29 @@ class ShapesImages:
                                      "seeds": [s_ref, s_tgt]}
 
 
-def build_images(recipe: GenRecipe):
-    return {"shapes": ShapesImages}[recipe.images.backend](recipe)
+def _diffusers_paired(recipe: GenRecipe, scorer=None, **components):
+    from .diffusion.paired import DiffusersPaired    # lazy: torch/diffusers only when asked for
+
+    return DiffusersPaired(recipe, scorer=scorer, **components)
+
+
+def _diffusers_edit(recipe: GenRecipe, scorer=None, **components):
+    from .diffusion.edit import DiffusersEdit
+
+    return DiffusersEdit(recipe, scorer=scorer, **components)
+
+
+BACKENDS = {"diffusers-paired": _diffusers_paired, "diffusers-edit": _diffusers_edit}
+
+
+def build_images(recipe: GenRecipe, scorer=None, **components):
+    """The image-stage component of `recipe.images.backend`.
+
+    `scorer` (an object with `directional(ref_images, tgt_images, src_captions, tgt_captions)`)
+    ranks the `samples_per_prompt` samples of the diffusers backends; `components` are prebuilt
+    pipelines (`pipe=`, and `edit_pipe=` for diffusers-edit) used instead of loading the models.
+    """
+    backend = recipe.images.backend
+    if backend == "shapes":
+        return ShapesImages(recipe)
+    return BACKENDS[backend](recipe, scorer=scorer, **components)

@@ -51,11 +51,14 @@ def plan(out: Path, n: int, unit_size: int) -> Plan:
 class Stages:
     """The four stages assembled from the recipe (diffusers-style interchangeable components)."""
 
-    def __init__(self, recipe: GenRecipe):
+    def __init__(self, recipe: GenRecipe, seed: int | None = None):
         self.recipe = recipe
-        self.captions = build_captions(recipe)
+        self.captions = build_captions(recipe, seed)
         self.edits = build_edits(recipe)
-        self.images = build_images(recipe)
+        diffusion = recipe.images.diffusion
+        best_of_k = recipe.images.backend != "shapes" and diffusion.samples_per_prompt > 1
+        # Best-of-k ranks samples with the CLIP filter's model (one shared scorer per process).
+        self.images = build_images(recipe, scorer=_LazyScorer(recipe) if best_of_k else None)
         self.filters = build_filters(recipe)
 
     @property
@@ -83,10 +86,22 @@ class Stages:
                 c.generator.setdefault(stage, {}).setdefault("backend", getattr(components[0], "name", None))
 
 
+class _LazyScorer:
+    """Loads the CLIP scorer of `filters.clip` on first use (not in the parent process)."""
+
+    def __init__(self, recipe: GenRecipe):
+        self.cfg = recipe.filters.clip
+
+    def directional(self, *args, **kwargs):
+        from .filters import load_scorer
+
+        return load_scorer(self.cfg).directional(*args, **kwargs)
+
+
 def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
              stages: Stages | None = None) -> dict:
     """Generate unit `unit` until it holds `count` kept triplets; write rejects, then the shard."""
-    stages = stages or Stages(recipe)
+    stages = stages or Stages(recipe, seed)
     kept: list[Candidate] = []
     rejected: list[Candidate] = []
     j = 0
@@ -133,7 +148,7 @@ def _init_worker(recipe_dict: dict, seed: int, out: str) -> None:
     from .config import from_dict
 
     recipe = from_dict(GenRecipe, recipe_dict)
-    _WORKER.update(recipe=recipe, seed=seed, out=Path(out), stages=Stages(recipe))
+    _WORKER.update(recipe=recipe, seed=seed, out=Path(out), stages=Stages(recipe, seed))
 
 
 def _work(task: tuple[int, int]) -> dict:
@@ -184,12 +199,17 @@ def _run_units(recipe, seed, out, todo, workers, progress, total, done_before) -
                desc="triplets", smoothing=0.1, dynamic_ncols=True)
     try:
         if workers == 1:
-            stages = Stages(recipe)
+            stages = Stages(recipe, seed)
             for u, c in todo:
                 run_unit(recipe, seed, u, c, out, stages)
                 bar.update(c)
         else:
-            ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+            # fork is fast, but a process that already ran torch's OpenMP can deadlock its forked
+            # children; start fresh interpreters then.
+            import sys
+
+            method = "fork" if hasattr(os, "fork") and "torch" not in sys.modules else "spawn"
+            ctx = mp.get_context(method)
             with ctx.Pool(workers, initializer=_init_worker, initargs=(to_dict(recipe), seed, str(out))) as pool:
                 for st in pool.imap_unordered(_work, todo):
                     bar.update(st["kept"])
@@ -205,8 +225,16 @@ def summary_lines(stats: dict) -> list[str]:
     fk = {k: v for k, v in stats["failures_kept"].items() if k != "none"}
     if fk:
         lines.append("injected failures among kept: " + ", ".join(f"{k} {v}" for k, v in sorted(fk.items())))
+    crit = stats.get("criteria") or {}
+    if crit:
+        lines.append("pass rate per criterion: " + ", ".join(
+            f"{k} {100 * v['pass_rate']:.1f}% of {v['evaluated']}" for k, v in crit.items() if v["evaluated"]))
     lines.append("seconds per stage: " + ", ".join(f"{s} {v:.2f}" for s, v in b["seconds_per_stage"].items())
-                 + f" | {b['seconds_per_1k_kept']:.2f} s per 1k kept ({b['device']})")
+                 + f" | {b['seconds_per_1k_kept']:.2f} s per 1k kept ({b['device']})"
+                 + (f", GPU {b['gpu_seconds_per_1k_kept']:.2f} s per 1k kept" if b.get("gpu_seconds") else ""))
+    dup = stats.get("near_duplicates_cross_unit")
+    if dup:
+        lines.append(f"near-duplicates across units (listed in stats.json, not removed): {dup['count']}")
     if "wall_seconds" in stats:
         lines.append(f"wall time this run: {stats['wall_seconds']:.1f} s")
     return lines

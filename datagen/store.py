@@ -173,10 +173,51 @@ def unit_stats(out: Path, unit: int) -> dict:
     return json.loads(md.get(b"cirgen", b"{}"))
 
 
+def _device_type(device: str | None) -> str:
+    return (device or "cpu").split(":")[0]
+
+
+def _scan_rows(out: Path, unit: int) -> tuple[dict, dict]:
+    """From a unit's kept and rejected rows (small columns only): per pass column (evaluated,
+    passed), and per stage the device it ran on. A component that runs a stage on an accelerator
+    records it as `generator[stage]["device"]`; absent means cpu."""
+    crit: dict[str, list[int]] = {}
+    devices: dict[str, dict[str, int]] = {}
+    for path in (shard_path(out, unit), shard_path(out, unit, rejects=True)):
+        if not path.exists():
+            continue
+        names = pq.read_schema(path).names
+        cols = [c for c in names if c.startswith("pass_")] + (["generator"] if "generator" in names else [])
+        t = pq.read_table(path, columns=cols)
+        for c in cols:
+            if c == "generator":
+                continue
+            vals = t.column(c).to_pylist()
+            e = crit.setdefault(c, [0, 0])
+            e[0] += sum(v is not None for v in vals)
+            e[1] += sum(v is True for v in vals)
+        if "generator" in cols:
+            for g in t.column("generator").to_pylist():
+                g = json.loads(g) if g else {}
+                for s in STAGES:
+                    d = _device_type((g.get(s) or {}).get("device"))
+                    ds = devices.setdefault(s, {})
+                    ds[d] = ds.get(d, 0) + 1
+    return crit, devices
+
+
 def aggregate_stats(out: Path, units: list[int]) -> dict:
-    """stats.json from the per-unit statistics stored in each shard's footer."""
+    """stats.json from the per-unit statistics stored in each shard's footer.
+
+    Budget: seconds per stage (summed over every candidate, kept or rejected), per generated and
+    per kept triplet, split by the device each stage ran on (`seconds_by_device`, GPU seconds).
+    Pass rates per criterion are over the candidates that criterion scored (`criteria`).
+    """
     total = {"kept": 0, "generated": 0, "rejected": {}, "failures_kept": {}, "failures_generated": {},
              "edit_types": {}, "passes": {}, "seconds": {s: 0.0 for s in STAGES}}
+    crit: dict[str, list[int]] = {}
+    by_device: dict[str, float] = {}
+    stage_devices: dict[str, set] = {s: set() for s in STAGES}
     for u in units:
         st = unit_stats(out, u)
         total["kept"] += st["kept"]
@@ -184,22 +225,61 @@ def aggregate_stats(out: Path, units: list[int]) -> dict:
         for key in ("rejected", "failures_kept", "failures_generated", "edit_types", "passes"):
             for k, v in st[key].items():
                 total[key][k] = total[key].get(k, 0) + v
+        unit_crit, unit_dev = _scan_rows(out, u)
+        for k, (e, p) in unit_crit.items():
+            c = crit.setdefault(k, [0, 0])
+            c[0] += e
+            c[1] += p
         for s in STAGES:
-            total["seconds"][s] += st["seconds"].get(s, 0.0)
+            sec = st["seconds"].get(s, 0.0)
+            total["seconds"][s] += sec
+            # A unit runs in one process, so a stage has one device per unit: take the majority.
+            counts = unit_dev.get(s) or {"cpu": 1}
+            dev = max(sorted(counts), key=counts.get)
+            stage_devices[s].add(dev)
+            by_device[dev] = by_device.get(dev, 0.0) + sec
     sec = sum(total["seconds"].values())
     gen, kept = max(total["generated"], 1), max(total["kept"], 1)
-    total["pass_rates"] = {k: round(v / gen, 4) for k, v in sorted(total["passes"].items())}
+    total["criteria"] = {k.removeprefix("pass_"): {"evaluated": e, "passed": p,
+                                                   "pass_rate": round(p / e, 4) if e else None}
+                         for k, (e, p) in sorted(crit.items())}
+    # Pass rate of a criterion = passed / candidates it scored (= generated when nothing is
+    # rejected before the filters, which is what older datasets without pass columns assume).
+    total["pass_rates"] = {k: round(v / (crit.get(k, [gen])[0] or gen), 4)
+                           for k, v in sorted(total["passes"].items())}
     total["yield"] = round(total["kept"] / gen, 4)
+    gpu = sum(v for d, v in by_device.items() if d != "cpu")
     total["budget"] = {
         "seconds_total": round(sec, 3),
         "seconds_per_stage": {s: round(v, 3) for s, v in total["seconds"].items()},
         "seconds_per_generated": round(sec / gen, 6),
         "seconds_per_kept": round(sec / kept, 6),
         "seconds_per_1k_kept": round(1000 * sec / kept, 3),
-        "device": "cpu",
+        "stage_seconds_per_generated": {s: round(v / gen, 6) for s, v in total["seconds"].items()},
+        "stage_seconds_per_kept": {s: round(v / kept, 6) for s, v in total["seconds"].items()},
+        "device_per_stage": {s: "+".join(sorted(d)) for s, d in stage_devices.items()},
+        "seconds_by_device": {d: round(v, 3) for d, v in sorted(by_device.items())},
+        "gpu_seconds": round(gpu, 3),
+        "gpu_seconds_per_1k_kept": round(1000 * gpu / kept, 3),
+        "device": "+".join(sorted({d for ds in stage_devices.values() for d in ds})) or "cpu",
     }
     del total["seconds"]
+    dd = _dedupe_settings(out)
+    if dd is not None:
+        from .dedupe import cross_unit_report
+
+        total["near_duplicates_cross_unit"] = cross_unit_report(
+            out, units, dd["max_distance"], dd["match"], dd["channels"])
     return total
+
+
+def _dedupe_settings(out: Path) -> dict | None:
+    """The dataset's dedupe section when its cross-unit report is on (read from run.json)."""
+    try:
+        dd = json.loads((out / "run.json").read_text())["recipe"]["filters"]["dedupe"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+    return dd if dd.get("enabled") and dd.get("cross_unit_report") else None
 
 
 CARD = """---
@@ -222,7 +302,8 @@ Made by `cirgen triplets` with recipe `{name}` (hash `{hash}`), seed {seed}.
 | rejected | {rejected} |
 | injected failures among kept | {failures} |
 | quality tier | {tier} |
-| CPU/GPU seconds per 1k kept | {per1k} |
+| CPU/GPU seconds per 1k kept | {per1k} ({device}; GPU seconds per 1k kept {gpu1k}) |
+| pass rate per criterion | {pass_rates} |
 
 Each row: `reference_image`, `modification_text`, `target_image` (HF `Image()`), `source_caption`,
 `target_caption`, `edit_type`, `failure` (injected generator failure, if any), every filter score
@@ -244,5 +325,8 @@ def write_card(out: Path, run: dict, stats: dict) -> None:
         generated=stats["generated"], yield_pct=100 * stats["yield"],
         rejected=json.dumps(stats["rejected"], sort_keys=True) or "{}",
         failures=json.dumps(stats["failures_kept"], sort_keys=True),
-        tier=recipe["quality"]["tier"], per1k=stats["budget"]["seconds_per_1k_kept"], root=".")
+        tier=recipe["quality"]["tier"], per1k=stats["budget"]["seconds_per_1k_kept"], root=".",
+        device=stats["budget"].get("device", "cpu"), gpu1k=stats["budget"].get("gpu_seconds_per_1k_kept", 0.0),
+        pass_rates=", ".join(f"{k} {100 * v['pass_rate']:.1f}%" for k, v in stats.get("criteria", {}).items()
+                             if v["pass_rate"] is not None) or "-")
     write_atomic(out / "README.md", text.encode())

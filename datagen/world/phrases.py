@@ -31,16 +31,23 @@ class PhraseSet:
     def pos(self, cell: int, rng: np.random.Generator) -> str:
         return _pick(self.position, rng).format(cell=CELLS[cell])
 
-    def describe_obj(self, obj: Obj, rng: np.random.Generator) -> str:
-        return _pick(self.object, rng).format(
-            size=obj.size, color=obj.color, shape=obj.shape,
-            pos=self.pos(obj.cell, rng), cell=CELLS[obj.cell])
+    def describe_obj(self, obj: Obj, rng: np.random.Generator, omit: frozenset = frozenset()) -> str:
+        text = _pick(self.object, rng).format(
+            size="" if "size" in omit else obj.size, color="" if "color" in omit else obj.color,
+            shape=obj.shape, pos="" if "position" in omit else self.pos(obj.cell, rng), cell=CELLS[obj.cell])
+        return _tidy(text) if omit else text
 
-    def caption(self, scene: Scene, rng: np.random.Generator) -> str:
-        """A complete description: every object (in random order) and the background."""
+    def caption(self, scene: Scene, rng: np.random.Generator, omit: frozenset = frozenset()) -> str:
+        """A description of every object (in random order) and the background.
+
+        `omit` leaves attributes out ("size", "color", "position", "background"): a *partial*
+        caption. Complete captions are the default and what benchmarks use.
+        """
         order = rng.permutation(len(scene.objects))
-        parts = [self.describe_obj(scene.objects[i], rng) for i in order]
+        parts = [self.describe_obj(scene.objects[i], rng, omit) for i in order]
         objects = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        if "background" in omit:
+            return objects
         return _pick(self.scene, rng).format(objects=objects, bg=scene.background)
 
     def refer(self, obj: Obj, scene: Scene, rng: np.random.Generator) -> str:
@@ -54,6 +61,14 @@ class PhraseSet:
 
     def instruction(self, edit_type: str, slots: dict, rng: np.random.Generator) -> str:
         return _pick(self.edits[edit_type], rng).format(**slots)
+
+
+def _tidy(text: str) -> str:
+    """Collapse the gaps an omitted slot leaves ("a  red circle placed " -> "a red circle")."""
+    words = text.replace(" ,", ",").split()
+    while words and words[-1] in ("placed", "at", "in", "the"):
+        words.pop()
+    return " ".join(words).rstrip(",")
 
 
 def _pick(options, rng: np.random.Generator) -> str:
