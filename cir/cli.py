@@ -179,8 +179,10 @@ def browse(datasets, out, no_rejects, thumb_size, title, as_json) -> None:
 @click.option("--weights", default=None, help="CLIP weights for the baselines: a file, a tag, or 'random'.")
 @click.option("--check", type=click.Choice(["exists", "header", "decode"]), default="header", show_default=True,
               help="How deeply image files are checked before evaluating.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write an HTML report of every query's top-10 (hits marked) here.")
 def eval_cmd(model_spec, dataset, root, split, submission, out_dir, as_json, allow_missing, overrides,
-             clip_name, weights, check) -> None:
+             clip_name, weights, check, report_dir) -> None:
     """Evaluate a model on FashionIQ, CIRR, CIRCO or a shapes benchmark (protocol printed with the numbers)."""
     from datagen.config import ConfigError
     from cir.eval import EvalError
@@ -193,8 +195,14 @@ def eval_cmd(model_spec, dataset, root, split, submission, out_dir, as_json, all
         protocol = build_protocol(list(overrides))
         model = resolve_model(model_spec, clip_name, weights, protocol.preprocess, protocol.target_ratio)
         result = evaluate(model, dataset, root, split, protocol,
-                          EvalOptions(allow_missing=allow_missing, check=check, submission=submission), log=log)
+                          EvalOptions(allow_missing=allow_missing, check=check, submission=submission,
+                                      keep_rankings=report_dir is not None), log=log)
         files = write_results(result, out_dir) if out_dir else []
+        if report_dir is not None:
+            from cir.eval.report import write_eval_report
+
+            write_eval_report(result, root, report_dir)
+            files.append(str(Path(report_dir) / "index.html"))
     except (EvalError, ConfigError) as e:
         raise _Fail(str(e)) from None
     if as_json:

@@ -1,0 +1,24 @@
+"""Benchmarks run in their quick smoke mode (CI): they work and write the JSON they promise."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent / "bench"
+
+
+@pytest.mark.parametrize("script,keys", [
+    ("bench_triplets.py", ["wall_seconds", "triplets_per_second", "peak_rss_mb", "stage_triplets_per_cpu_second"]),
+    ("bench_eval.py", []),
+    ("bench_browse.py", []),
+])
+def test_bench_quick_mode_writes_json(tmp_path, script, keys):
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for k in keys:
+        assert k in data, k
