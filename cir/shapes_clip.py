@@ -73,6 +73,8 @@ class _StepBatches(torch.utils.data.Dataset):
         return self.cfg.steps
 
     def _omit(self, rng: np.random.Generator) -> frozenset:
+        if self.cfg.partial_fraction <= 0:      # no draw: the stream of a complete-caption recipe
+            return frozenset()
         if rng.random() >= self.cfg.partial_fraction:
             return frozenset()
         while True:

@@ -15,7 +15,16 @@ class ShapesImages:
 
     name = "shapes"
 
+    @staticmethod
+    def check(recipe: GenRecipe) -> None:
+        if recipe.captions.source != "shapes" or recipe.edits.backend != "rules":
+            from .config import ConfigError
+
+            raise ConfigError("images.backend shapes renders shapes-world scenes: it needs captions.source "
+                              "shapes and edits.backend rules (use a diffusers backend for real captions)")
+
     def __init__(self, recipe: GenRecipe):
+        self.check(recipe)
         c = recipe.images
         self.fmt = c.format
         self.cfg = RenderConfig(c.resolution, c.jitter, c.rotation, c.scale_jitter, c.color_jitter, c.noise)

@@ -162,6 +162,10 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
     """Make (or complete, or extend) the dataset in `out`; return the summary (stats.json)."""
     out = Path(out)
     seed = recipe.seed if seed is None else seed
+    if recipe.images.backend == "shapes":
+        from .images import ShapesImages
+
+        ShapesImages.check(recipe)      # before anything is written
     run = open_dataset(out, recipe, seed, n, recipe_path)
     removed = clean_temp_files(out)
     if removed:

@@ -314,12 +314,6 @@ class GenRecipe:
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
-    def validate(self) -> None:
-        shapes_text = self.captions.source == "shapes" and self.edits.backend == "rules"
-        if self.images.backend == "shapes" and not shapes_text:
-            raise ValueError("images.backend shapes renders shapes-world scenes: it needs "
-                             "captions.source shapes and edits.backend rules")
-
     def identity(self) -> dict:
         """What decides the records: not the name, prose, seed, worker count or batch size, and
         not how a backend runs (device, server, concurrency, cache). Sections of backends the

@@ -199,3 +199,12 @@ def test_inspect_reports_counts_and_examples(tmp_path, small_recipe):
     assert sum(rep["stats"]["failures_kept"].values()) == 100
     text = _cli("inspect", str(out)).stdout
     assert "failure labels" in text and "s per 1k kept" in text
+
+
+def test_shapes_images_refuse_real_caption_text(tmp_path, small_recipe):
+    from datagen.config import ConfigError
+
+    r = small_recipe(extra=["edits.backend=keywords"])
+    with pytest.raises(ConfigError, match="needs captions.source shapes and edits.backend rules"):
+        generate(r, tmp_path / "x", 10, workers=1, **QUIET)
+    assert not (tmp_path / "x").exists()

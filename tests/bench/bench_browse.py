@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     from datagen.report import write_dataset_report
 
     tmp = Path(tempfile.mkdtemp(prefix="cirgen-bench-browse-"))
-    result: dict = {"bench": "browse", "thumb_size": args.thumb_size}
+    result: dict = {"bench": "browse", "thumb_size": args.thumb_size, "quick": args.quick}
     try:
         if args.data:
             data = Path(args.data)
@@ -158,4 +158,6 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     res = main()
-    sys.exit(0 if all(v is not False for v in res["targets"].values()) else 1)
+    # Targets are reported in the JSON; only a full run turns a missed target into exit 1
+    # (smoke mode is about the script working, on whatever machine CI has).
+    sys.exit(0 if res.get("quick") or all(v is not False for v in res["targets"].values()) else 1)
