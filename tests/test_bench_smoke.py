@@ -13,6 +13,7 @@ BENCH = Path(__file__).resolve().parent / "bench"
     ("bench_triplets.py", ["wall_seconds", "triplets_per_second", "peak_rss_mb", "stage_triplets_per_cpu_second"]),
     ("bench_eval.py", []),
     ("bench_browse.py", []),
+    ("bench_stage1.py", ["cached", "recompute", "speedup_cached_vs_recompute"]),
 ])
 def test_bench_quick_mode_writes_json(tmp_path, script, keys):
     out = tmp_path / "b.json"

@@ -125,7 +125,9 @@ def test_budget_counts_gpu_seconds_of_the_stages_that_ran_on_a_gpu(tmp_path, mon
 
     monkeypatch.setattr(datagen.filters, "load_scorer", lambda cfg: _GpuScorer())
     out = tmp_path / "gpu"
-    stats = generate(load_gen_recipe("shapes-low-filtered", SMALL + ["filters.clip.thresholds.dir=0.0"]),
+    stats = generate(load_gen_recipe("shapes-low-filtered", SMALL + ["filters.clip.thresholds.dir=0.0",
+                                                                     "filters.clip.thresholds.img_img=0.8",
+                                                                     "filters.clip.thresholds.img_cap=0.2"]),
                      out, 40, workers=1, **QUIET)
     b = stats["budget"]
     assert b["device_per_stage"] == {"captions": "cpu", "edits": "cpu", "images": "cpu", "filters": "cuda"}
