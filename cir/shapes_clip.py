@@ -31,7 +31,7 @@ from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, _register_shapes_confi
 from datagen.world.editor import sample_edit
 from datagen.world.phrases import load_phrases
 from datagen.world.render import RenderConfig, render
-from datagen.world.scene import BACKGROUNDS, CELLS, COLORS, SHAPES, SIZES, Scene, random_obj, sample_scene
+from datagen.world.scene import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, random_obj, sample_scene
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from datagen.config import ConfigError, apply_overrides, from_dict, read_yaml, stable_hash, to_dict
-from datagen.recipe import resolve_recipe_path
+from datagen.config import ConfigError, stable_hash, to_dict
+from datagen.recipe import load_recipe
 
 from .clip import CIRClip
 from .data import DataConfig, open_source
@@ -65,12 +65,7 @@ class Stage1Recipe:
 
 
 def load_stage1_recipe(name_or_path: str = "stage1-shapes", overrides: list[str] | None = None) -> Stage1Recipe:
-    path = resolve_recipe_path(name_or_path, "train")
-    data = apply_overrides(read_yaml(path), list(overrides or []))
-    try:
-        return from_dict(Stage1Recipe, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return load_recipe(Stage1Recipe, name_or_path, "train", overrides)
 
 
 def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=print,

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from datagen.config import ConfigError, apply_overrides, from_dict, read_yaml, stable_hash, to_dict
-from datagen.recipe import resolve_recipe_path
+from datagen.config import ConfigError, stable_hash, to_dict
+from datagen.recipe import load_recipe
 
 from .adapters import ComposeConfig
 from .features import FeatureCache
@@ -53,12 +53,7 @@ class Stage2Recipe:
 
 
 def load_stage2_recipe(name_or_path: str = "stage2-shapes", overrides: list[str] | None = None) -> Stage2Recipe:
-    path = resolve_recipe_path(name_or_path, "train")
-    data = apply_overrides(read_yaml(path), list(overrides or []))
-    try:
-        return from_dict(Stage2Recipe, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return load_recipe(Stage2Recipe, name_or_path, "train", overrides)
 
 
 def _prompt(template: str, modification: str) -> str:

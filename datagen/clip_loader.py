@@ -65,8 +65,6 @@ def compact_state_dict(state: dict, token_init_seed: int, dtype=None) -> tuple[d
 
 
 def expand_state_dict(tensors: dict, meta: dict) -> dict:
-    import torch
-
     if "token_embedding.rows" not in tensors:
         return tensors
     values = tensors["token_embedding.values"].float()

@@ -377,12 +377,19 @@ def resolve_recipe_path(name_or_path: str, kind: str) -> Path:
     raise ConfigError(f"no recipe named {name_or_path!r} in recipes/{kind}/ (known: {', '.join(known)})")
 
 
-def load_gen_recipe(name_or_path: str = "shapes-high", overrides: list[str] | None = None) -> GenRecipe:
-    path = resolve_recipe_path(name_or_path, "gen")
+def load_recipe(cls, name_or_path: str, folder: str, overrides: list[str] | None = None):
+    """Any recipe dataclass from a shipped name (recipes/<folder>/) or a path, with overrides."""
+    path = resolve_recipe_path(name_or_path, folder)
     data = apply_overrides(read_yaml(path), list(overrides or []))
-    if data.get("kind", "gen") != "gen":
-        raise ConfigError(f"{path}: kind is {data.get('kind')!r}, expected 'gen'")
     try:
-        return from_dict(GenRecipe, data)
+        return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def load_gen_recipe(name_or_path: str = "shapes-high", overrides: list[str] | None = None) -> GenRecipe:
+    path = resolve_recipe_path(name_or_path, "gen")
+    kind = read_yaml(path).get("kind", "gen")
+    if kind != "gen":
+        raise ConfigError(f"{path}: kind is {kind!r}, expected 'gen'")
+    return load_recipe(GenRecipe, name_or_path, "gen", overrides)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from .candidate import Candidate
 from .recipe import GenRecipe
-from .schema import FORMAT, SCHEMA_VERSION, STAGES, build_schema
+from .schema import FORMAT, SCHEMA_VERSION, STAGES
 
 ROW_GROUP = 100  # rows per parquet row group: readers stream ~100 image pairs at a time
 

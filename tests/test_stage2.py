@@ -1,0 +1,85 @@
+"""Stage II: composers start as an identity; triplet reading (subsample, filters, bad rows); a run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cir.adapters import ComposeConfig
+from cir.clip import CIRClip
+from cir.data import DataError
+from cir.mapping import MappingConfig
+from cir.model import CIRModel
+from cir.triplets import TripletsConfig, load_triplets
+from conftest import SMALL
+from datagen.pipeline import generate
+from datagen.recipe import load_gen_recipe
+
+
+@pytest.mark.parametrize("mode", ["adapter", "lora", "full"])
+def test_composer_starts_as_identity(mode):
+    clip = CIRClip.load("shapes-clip", random_init=True)
+    m = CIRModel(clip, MappingConfig(vsi=True, dropout=0.0)).eval()
+    g = torch.nn.functional.normalize(torch.randn(4, clip.embed_dim), dim=-1)
+    p = torch.randn(4, 64, clip.vision_width)
+    prompts = ["a photo of $ that is red"] * 4
+    with torch.no_grad():
+        before = m.encode_query(g, p, prompts)
+        m.add_composer(ComposeConfig(mode=mode))
+        after = m.encode_query(g, p, prompts)
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def triplet_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trip") / "low"
+    generate(load_gen_recipe("shapes-low", SMALL), out, 150, workers=1, progress=False, log=lambda s: None)
+    return out
+
+
+def test_subsample_is_deterministic_and_nested_and_filters_apply(triplet_dir):
+    a = load_triplets(TripletsConfig(path=str(triplet_dir), max_triplets=40))
+    b = load_triplets(TripletsConfig(path=str(triplet_dir), max_triplets=80))
+    assert len(a) == 40 and set(a.ids) <= set(b.ids)
+    assert a.ids == load_triplets(TripletsConfig(path=str(triplet_dir), max_triplets=40)).ids
+    clean = load_triplets(TripletsConfig(path=str(triplet_dir), where=["failure==none"]))
+    assert 0 < len(clean) < 150 and clean.filtered_out == 150 - len(clean)
+    with pytest.raises(DataError, match="no column 'score_nope'"):
+        load_triplets(TripletsConfig(path=str(triplet_dir), where=["score_nope>=0.2"]))
+
+
+def test_corrupt_image_is_an_error_or_a_counted_skip(triplet_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(triplet_dir, bad)
+    shard = sorted((bad / "shards").glob("*.parquet"))[0]
+    t = pq.read_table(shard)
+    rows = t.to_pylist()
+    rows[3]["target_image"] = {"bytes": b"\x89PNG broken", "path": None}
+    pq.write_table(type(t).from_pylist(rows, schema=t.schema), shard)
+    with pytest.raises(DataError, match=r"000000.parquet row 3 .*corrupt target image"):
+        load_triplets(TripletsConfig(path=str(bad)))
+    got = load_triplets(TripletsConfig(path=str(bad), on_error="skip"))
+    assert got.skipped == 1 and len(got) == 149
+
+
+def test_stage2_cli_runs_from_a_stage1_run(triplet_dir, tmp_path):
+    env_sets = ["--set", "clip.random_init=true", "--set", "data.n=128", "--set", "train.batch_size=64",
+                "--set", "train.epochs=1", "--set", "eval.scenes=20", "--set", f"cache_dir={tmp_path / 'c'}"]
+    r = subprocess.run([sys.executable, "-m", "cir.cli", "stage1", "--out", str(tmp_path / "s1"), *env_sets],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-1500:]
+    r = subprocess.run([sys.executable, "-m", "cir.cli", "stage2", "--triplets", str(triplet_dir), "--stage1",
+                        str(tmp_path / "s1"), "--out", str(tmp_path / "s2"), "--max-triplets", "128",
+                        "--set", "train.epochs=2", "--set", f"cache_dir={tmp_path / 'c'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-1500:]
+    res = json.loads((tmp_path / "s2" / "result.json").read_text())
+    assert res["triplets"] == 128 and res["train"]["step"] == 4
+    meta = json.loads((tmp_path / "s2" / "model.json").read_text())
+    assert meta["stage"] == 2 and meta["composer"]["mode"] == "adapter"
