@@ -31,7 +31,7 @@ from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, _register_shapes_confi
 from datagen.world.editor import sample_edit
 from datagen.world.phrases import load_phrases
 from datagen.world.render import RenderConfig, render
-from datagen.world.scene import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, random_obj, sample_scene
+from datagen.world.scene import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, is_heldout, random_obj, sample_scene
 
 
 @dataclass
@@ -91,7 +91,7 @@ class _StepBatches(torch.utils.data.Dataset):
             s = sample_scene(rng, cfg.min_objects, cfg.max_objects, split="train")
             for _try in range(8):
                 t = sample_edit(s, rng, self.phrases, cfg.max_objects, tuple(cfg.pair_types)).target
-                if t != s and not _heldout(t):
+                if t != s and not is_heldout(t):
                     break
             scenes += [s, t]
         while len(scenes) < cfg.batch_size:
@@ -100,12 +100,6 @@ class _StepBatches(torch.utils.data.Dataset):
         images = torch.stack([self.preprocess(render(s, int(rng.integers(2**31)), self.render_cfg))
                               for s in scenes])
         return images, self.tokenizer(captions)
-
-
-def _heldout(scene: Scene) -> bool:
-    from datagen.world.scene import is_heldout
-
-    return is_heldout(scene)
 
 
 # ----------------------------------------------------------------------------- model

@@ -10,8 +10,13 @@ The dataset is made with the pipeline (`datagen.pipeline.generate`); its time is
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _emit import emit  # noqa: E402
+
 import argparse
-import json
 import os
 import platform
 import resource
@@ -149,11 +154,7 @@ def main(argv=None) -> dict:
                              "platform": platform.platform()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    print(text)
-    return result
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

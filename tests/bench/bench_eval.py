@@ -14,8 +14,13 @@ after the cache was mapped.
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _emit import emit  # noqa: E402
+
 import argparse
-import json
 import os
 import platform
 import resource
@@ -105,11 +110,7 @@ def main(argv=None) -> dict:
                     "python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform()},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    return result
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ image tower (global + patch tokens) every step, which is what training without t
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _emit import emit  # noqa: E402
+
 import argparse
-import json
 import platform
 import resource
 import sys
 import time
-from pathlib import Path
 
 
 def main(argv=None) -> dict:
@@ -80,11 +84,7 @@ def main(argv=None) -> dict:
                                                    / res["cached"]["seconds_per_step"], 2),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "machine": {"python": platform.python_version(), "torch_threads": torch.get_num_threads()}}
-    text = json.dumps(result, indent=2)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    print(text)
-    return result
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@ sum over all workers as an upper bound of the whole run's resident memory.
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+from _emit import emit  # noqa: E402
+
 import argparse
-import json
 import os
 import platform
 import resource
@@ -57,11 +62,7 @@ def main(argv=None) -> dict:
     }
     if not args.out:
         shutil.rmtree(tmp.parent, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    print(text)
-    return result
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":
