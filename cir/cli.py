@@ -106,14 +106,19 @@ def pretrain_clip(out, recipe, overrides) -> None:
 
 @main.command("eval-clip")
 @click.option("--weights", default=None, help="Weights file (default: the shipped shapes-CLIP).")
+@click.option("--model", "arch", default="shapes-clip", show_default=True,
+              help="Architecture (a config in assets/shapes_clip/) the weights belong to.")
 @click.option("--scenes", default=1000, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def eval_clip(weights, scenes, as_json) -> None:
+def eval_clip(weights, arch, scenes, device, as_json) -> None:
     """Measure shapes-CLIP on held-out scenes with held-out phrasing (retrieval and probes)."""
     from cir.shapes_clip import evaluate, pair_similarities
     from datagen.clip_loader import load_clip
 
-    clip = load_clip("shapes-clip", pretrained=weights)
+    if arch != "shapes-clip" and weights is None:
+        raise click.UsageError("--model other than shapes-clip needs --weights")
+    clip = load_clip(arch, pretrained=weights, device=device)
     res = {"retrieval": evaluate(clip, n_scenes=scenes), "pairs": pair_similarities(clip)}
     click.echo(json.dumps(res, indent=2 if as_json else None, sort_keys=True))
 

@@ -53,7 +53,17 @@ class PretrainConfig:
     eval_scenes: int = 300
     threads: int = 2
     loader_workers: int = 1
-    stop_after: int | None = None    # stop early (as if interrupted); not part of the run's identity
+    model: str = SHAPES_CLIP         # architecture: a config JSON in assets/shapes_clip/
+    # NegCLIP-style hard negatives: each image also scores one caption of a scene that differs in
+    # one of these attributes (image->text side only); empty = off.
+    neg_captions: list[str] = field(default_factory=list)
+    # Runtime knobs, not part of the run's identity (they do not change what is learned, or only
+    # in floating-point rounding for `device`):
+    stop_after: int | None = None    # stop early (as if interrupted)
+    device: str = "cpu"
+
+
+RUNTIME_KNOBS = ("stop_after", "device", "threads", "loader_workers")
 
 
 # ----------------------------------------------------------------------------- data
@@ -99,157 +109,26 @@ class _StepBatches(torch.utils.data.Dataset):
         captions = [self.phrases.caption(s, rng, self._omit(rng)) for s in scenes]
         images = torch.stack([self.preprocess(render(s, int(rng.integers(2**31)), self.render_cfg))
                               for s in scenes])
-        return images, self.tokenizer(captions)
+        if not cfg.neg_captions:        # no draw: the stream of a recipe without negatives
+            return images, self.tokenizer(captions), None
+        negs = [self.phrases.caption(self._negative(s, rng), rng) for s in scenes]
+        return images, self.tokenizer(captions), self.tokenizer(negs)
+
+    def _negative(self, scene: Scene, rng: np.random.Generator) -> Scene:
+        """A training-split scene one attribute away from `scene` (complete caption follows)."""
+        attrs = list(self.cfg.neg_captions)
+        for _ in range(16):
+            attr = attrs[int(rng.integers(len(attrs)))]
+            cands = one_attribute_variants(scene, attr, rng, self.cfg.max_objects)[1:]
+            if cands:
+                neg = cands[int(rng.integers(len(cands)))]
+                if not is_heldout(neg):
+                    return neg
+        return sample_scene(rng, self.cfg.min_objects, self.cfg.max_objects, split="train")
 
 
-# ----------------------------------------------------------------------------- model
-
-def build_model(seed: int):
-    """shapes-CLIP with random weights; the token table from the recorded seed (see clip_loader)."""
-    import open_clip
-
-    _register_shapes_config()
-    torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(SHAPES_CLIP, pretrained=None)
-    with torch.no_grad():
-        w = model.token_embedding.weight
-        w.copy_(init_token_table(w.shape[0], w.shape[1], seed))
-    return model, preprocess, open_clip.get_tokenizer(SHAPES_CLIP)
-
-
-def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        # The token table stays out of weight decay so untrained rows remain exactly at init
-        # (that is what lets the shipped file store only the trained rows).
-        if p.ndim < 2 or "token_embedding" in name or "embedding" in name or "logit_scale" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
-    """Train shapes-CLIP into `out/` (resumable: rerun with the same config to continue)."""
-    from open_clip.loss import ClipLoss
-    from tqdm import tqdm
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    cfg_path, state_path = out / "config.json", out / "state.pt"
-    ident = {k: v for k, v in asdict(cfg).items() if k != "stop_after"}
-    if cfg_path.exists():
-        prev = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k != "stop_after"}
-        if prev != ident:
-            raise ValueError(f"{out} holds a run with a different config; use a new --out")
-    else:
-        cfg_path.write_text(json.dumps(ident, indent=2))
-
-    model, preprocess, tokenizer = build_model(cfg.seed)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    start, elapsed = 0, 0.0
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        start, elapsed = int(st["step"]), float(st["elapsed"])
-        log(f"resuming at step {start}")
-    loss_fn = ClipLoss()
-    data = _StepBatches(cfg, preprocess, tokenizer)
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=range(start, end), num_workers=cfg.loader_workers,
-        prefetch_factor=4 if cfg.loader_workers else None, persistent_workers=False)
-    metrics_f = open(out / "metrics.jsonl", "a")
-    model.train()
-    t0 = time.time() - elapsed
-    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain shapes-clip", unit="step")
-    step = start
-    for images, tokens in loader:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        img_f, txt_f, scale = model(images, tokens)
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        rec = {"step": step, "loss": round(loss.item(), 5), "lr": _lr_at(step - 1, cfg),
-               "seconds": round(time.time() - t0, 1)}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            model.eval()
-            ev = evaluate(LoadedClip(model, preprocess, tokenizer, SHAPES_CLIP, "training"),
-                          n_scenes=cfg.eval_scenes, seed=12345)
-            model.train()
-            rec["eval"] = ev
-            log(json.dumps({"step": step, **ev}))
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_after:
-            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                                "elapsed": time.time() - t0}, state_path)
-        if cfg.stop_after is not None and step >= cfg.stop_after:
-            break
-    bar.close()
-    metrics_f.close()
-    # An early stop exports too (named by its step), so a checkpoint of a longer schedule can be
-    # shipped and reproduced exactly with `--set stop_after=N`.
-    name = "shapes-clip.safetensors" if step >= cfg.steps else f"shapes-clip-step{step}.safetensors"
-    return export(model, cfg.seed, out / name,
-                  {"steps_done": str(step), "steps_scheduled": str(cfg.steps),
-                   "train_seconds": f"{time.time() - t0:.0f}"})
-
-
-def export(model, seed: int, path: Path, extra_meta: dict | None = None) -> Path:
-    """Write the compact fp16 safetensors file that `load_clip("shapes-clip")` reads."""
-    from safetensors.torch import save_file
-
-    tensors, meta = compact_state_dict(model.state_dict(), seed, dtype=torch.float16)
-    meta.update(extra_meta or {})
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def _encode_images(clip: LoadedClip, images, batch: int = 256) -> torch.Tensor:
-    feats = []
-    for i in range(0, len(images), batch):
-        x = torch.stack([clip.preprocess(im) for im in images[i:i + batch]])
-        feats.append(clip.model.encode_image(x, normalize=True))
-    return torch.cat(feats)
-
-
-@torch.no_grad()
-def _encode_texts(clip: LoadedClip, texts, batch: int = 512) -> torch.Tensor:
-    feats = [clip.model.encode_text(clip.tokenizer(texts[i:i + batch]), normalize=True)
-             for i in range(0, len(texts), batch)]
-    return torch.cat(feats)
-
-
-def _probe_candidates(scene: Scene, attr: str, rng: np.random.Generator, max_objects: int):
-    """Scenes that differ from `scene` in one attribute only; index 0 is the true scene."""
+def one_attribute_variants(scene: Scene, attr: str, rng: np.random.Generator, max_objects: int):
+    """`scene` followed by the scenes that differ from it in `attr` only (one object changed)."""
     objs = list(scene.objects)
     i = int(rng.integers(len(objs)))
     o = objs[i]
@@ -279,6 +158,168 @@ def _probe_candidates(scene: Scene, attr: str, rng: np.random.Generator, max_obj
     raise ValueError(attr)
 
 
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(seed: int, arch: str = SHAPES_CLIP):
+    """shapes-CLIP with random weights; the token table from the recorded seed (see clip_loader)."""
+    import open_clip
+
+    _register_shapes_config()
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    with torch.no_grad():
+        w = model.token_embedding.weight
+        w.copy_(init_token_table(w.shape[0], w.shape[1], seed))
+    return model, preprocess, open_clip.get_tokenizer(arch)
+
+
+def contrastive_loss(img, txt, scale, neg=None):
+    """open_clip's symmetric InfoNCE; with `neg`, image->text also ranks each image's hard negative
+    caption (all negatives of the batch are candidates for every image)."""
+    labels = torch.arange(len(img), device=img.device)
+    texts = txt if neg is None else torch.cat([txt, neg])
+    i2t = scale * img @ texts.T
+    t2i = scale * txt @ img.T
+    return (torch.nn.functional.cross_entropy(i2t, labels) + torch.nn.functional.cross_entropy(t2i, labels)) / 2
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # The token table stays out of weight decay so untrained rows remain exactly at init
+        # (that is what lets the shipped file store only the trained rows).
+        if p.ndim < 2 or "token_embedding" in name or "embedding" in name or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
+    """Train shapes-CLIP into `out/` (resumable: rerun with the same config to continue)."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    cfg_path, state_path = out / "config.json", out / "state.pt"
+    ident = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_KNOBS}
+    if cfg_path.exists():
+        prev = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k not in RUNTIME_KNOBS}
+        if prev != ident:
+            raise ValueError(f"{out} holds a run with a different config; use a new --out")
+    else:
+        cfg_path.write_text(json.dumps(ident, indent=2))
+
+    device = torch.device(cfg.device)
+    model, preprocess, tokenizer = build_model(cfg.seed, cfg.model)
+    model = model.to(device)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    start, elapsed = 0, 0.0
+    if state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, elapsed = int(st["step"]), float(st["elapsed"])
+        log(f"resuming at step {start}")
+    data = _StepBatches(cfg, preprocess, tokenizer)
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=range(start, end), num_workers=cfg.loader_workers,
+        prefetch_factor=4 if cfg.loader_workers else None, persistent_workers=False)
+    metrics_f = open(out / "metrics.jsonl", "a")
+    model.train()
+    t0 = time.time() - elapsed
+    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain shapes-clip", unit="step")
+    step = start
+    for images, tokens, negs in loader:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        img_f, txt_f, scale = model(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
+        neg_f = None if negs is None else model.encode_text(negs.to(device, non_blocking=True), normalize=True)
+        loss = contrastive_loss(img_f, txt_f, scale, neg_f)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        rec = {"step": step, "loss": round(loss.item(), 5), "lr": _lr_at(step - 1, cfg),
+               "seconds": round(time.time() - t0, 1)}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            ev = evaluate(LoadedClip(model, preprocess, tokenizer, cfg.model, "training"),
+                          n_scenes=cfg.eval_scenes, seed=12345)
+            model.train()
+            rec["eval"] = ev
+            log(json.dumps({"step": step, **ev}))
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_after:
+            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                                "elapsed": time.time() - t0}, state_path)
+        if cfg.stop_after is not None and step >= cfg.stop_after:
+            break
+    bar.close()
+    metrics_f.close()
+    # An early stop exports too (named by its step), so a checkpoint of a longer schedule can be
+    # shipped and reproduced exactly with `--set stop_after=N`.
+    name = "shapes-clip.safetensors" if step >= cfg.steps else f"shapes-clip-step{step}.safetensors"
+    return export(model, cfg.seed, out / name,
+                  {"steps_done": str(step), "steps_scheduled": str(cfg.steps), "architecture": cfg.model,
+                   "device": str(device), "train_seconds": f"{time.time() - t0:.0f}"})
+
+
+def export(model, seed: int, path: Path, extra_meta: dict | None = None) -> Path:
+    """Write the compact fp16 safetensors file that `load_clip("shapes-clip")` reads."""
+    from safetensors.torch import save_file
+
+    tensors, meta = compact_state_dict(model.state_dict(), seed, dtype=torch.float16)
+    meta.update(extra_meta or {})
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _device(clip: LoadedClip) -> torch.device:
+    return next(clip.model.parameters()).device
+
+
+@torch.no_grad()
+def _encode_images(clip: LoadedClip, images, batch: int = 256) -> torch.Tensor:
+    feats = []
+    for i in range(0, len(images), batch):
+        x = torch.stack([clip.preprocess(im) for im in images[i:i + batch]])
+        feats.append(clip.model.encode_image(x.to(_device(clip)), normalize=True).float().cpu())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def _encode_texts(clip: LoadedClip, texts, batch: int = 512) -> torch.Tensor:
+    feats = [clip.model.encode_text(clip.tokenizer(texts[i:i + batch]).to(_device(clip)), normalize=True).float().cpu()
+             for i in range(0, len(texts), batch)]
+    return torch.cat(feats)
+
+
 PROBE_ATTRS = ("color", "shape", "size", "position", "count", "background")
 
 
@@ -306,7 +347,7 @@ def evaluate(clip: LoadedClip, n_scenes: int = 1000, seed: int = 12345, split: s
     for attr in PROBE_ATTRS:
         correct, total = 0, 0
         for q, s in enumerate(scenes):
-            cands = _probe_candidates(s, attr, rng, max_objects)
+            cands = one_attribute_variants(s, attr, rng, max_objects)
             if len(cands) < 2:
                 continue
             cseed = int(rng.integers(2**31))

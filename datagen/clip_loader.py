@@ -32,12 +32,13 @@ class LoadedClip:
 
 
 def _register_shapes_config() -> None:
+    """Register shapes-clip (and its architecture variants, assets/shapes_clip/*.json) with open_clip."""
     import open_clip
 
     from .assets import asset_path
 
     if SHAPES_CLIP not in open_clip.list_models():
-        open_clip.add_model_config(asset_path("shapes_clip", f"{SHAPES_CLIP}.json"))
+        open_clip.add_model_config(asset_path("shapes_clip"))
 
 
 def init_token_table(vocab_size: int, width: int, seed: int):

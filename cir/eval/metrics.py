@@ -24,7 +24,7 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     n = scores.shape[1]
     k = min(k, n)
     if k <= 0:
-        return scores.new_empty((scores.shape[0], 0)), torch.empty((scores.shape[0], 0), dtype=torch.long)
+        return scores.new_empty((scores.shape[0], 0)), torch.empty((scores.shape[0], 0), dtype=torch.long, device=scores.device)
     # One extra element tells whether an unselected column ties with the k-th: then the
     # selection among those ties may not be the lowest columns. Rare with real features;
     # fixed row by row. (Cheaper than a full pass comparing every score with the k-th.)
@@ -67,7 +67,7 @@ def topk_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int,
     for qs in range(0, queries.shape[0], query_chunk):
         q = queries[qs:qs + query_chunk]
         best_v = q.new_empty((q.shape[0], 0))
-        best_i = torch.empty((q.shape[0], 0), dtype=torch.long)
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
         for gs in range(0, n, gallery_chunk):
             g = gallery[gs:gs + gallery_chunk]
             s = q @ g.T
