@@ -64,18 +64,20 @@ class Composer(nn.Module):
         self.cfg = cfg
         blocks = clip_model.transformer.resblocks
         width = clip_model.token_embedding.weight.shape[1]
+        device = clip_model.token_embedding.weight.device     # build beside the tower (GPU users)
         self.layers = _chosen(cfg.layers, len(blocks))
         self.adapters = nn.ModuleDict()
         self.lora = nn.ModuleList()
         if cfg.mode == "adapter":
-            self.adapters.update({str(l): BottleneckAdapter(width, cfg.bottleneck) for l in self.layers})
+            self.adapters.update({str(l): BottleneckAdapter(width, cfg.bottleneck).to(device)
+                                  for l in self.layers})
         elif cfg.mode == "lora":
             for l in self.layers:
                 attn = blocks[l].attn
                 d_in = LoRADelta(attn.in_proj_weight.shape[0], attn.in_proj_weight.shape[1], cfg.lora_rank,
-                                 cfg.lora_alpha)
+                                 cfg.lora_alpha).to(device)
                 d_out = LoRADelta(attn.out_proj.weight.shape[0], attn.out_proj.weight.shape[1], cfg.lora_rank,
-                                  cfg.lora_alpha)
+                                  cfg.lora_alpha).to(device)
                 parametrize.register_parametrization(attn, "in_proj_weight", d_in)
                 parametrize.register_parametrization(attn.out_proj, "weight", d_out)
                 self.lora.extend([d_in, d_out])

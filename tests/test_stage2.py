@@ -34,6 +34,17 @@ def test_composer_starts_as_identity(mode):
     assert torch.allclose(before, after, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["adapter", "lora"])
+def test_composer_is_built_on_the_text_towers_device(mode):
+    # A tower already on a GPU must get its adapters/LoRA there too (a GPU check once failed on
+    # this); the meta device stands in for "not the CPU" on a machine without one.
+    clip = CIRClip.load("shapes-clip", random_init=True)
+    clip.clip.to("meta")
+    m = CIRModel(clip, MappingConfig(vsi=False))
+    m.add_composer(ComposeConfig(mode=mode))
+    assert {p.device.type for p in m.composer.parameters()} == {"meta"}
+
+
 @pytest.fixture(scope="module")
 def triplet_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("trip") / "low"
