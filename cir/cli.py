@@ -268,6 +268,20 @@ def stage2(recipe, triplets, stage1_run, out, max_triplets, where, resume, overr
 
 
 @main.command()
+@click.argument("recipe", default="shapes")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Study folder.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Dotted override, e.g. --set quantities=[250,1000] --set stage2.overrides=[train.epochs=5].")
+def study(recipe, out, overrides) -> None:
+    """Data-efficiency study: stage II gain vs triplet count x quality tier x seed (resumable)."""
+    from cir.study import Study, load_study_recipe
+
+    r = _guard(load_study_recipe, recipe, list(overrides))
+    res = _guard(Study(r, out, log=lambda s: click.echo(s, err=True)).run)
+    click.echo(json.dumps(res, indent=2))
+
+
+@main.command()
 @click.option("--model", "model_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Folder of images to search (features cached).")

@@ -60,7 +60,10 @@ class CIRClip(nn.Module):
 
     @property
     def vision_width(self) -> int:
+        """Width of the patch tokens that `image_features(patches=True)` returns."""
         v = self.clip.visual
+        if hasattr(v, "attnpool"):                 # ModifiedResNet: channels of the last stage
+            return v.attnpool.k_proj.in_features
         return v.conv1.out_channels if hasattr(v, "conv1") else v.output_dim
 
     @property
@@ -84,10 +87,15 @@ class CIRClip(nn.Module):
     # ------------------------------------------------------------------ images
     def image_features(self, images: torch.Tensor, patches: bool = False):
         """Projected global embedding [B, D] (not normalised) and, on request, patch tokens
-        [B, P, vision_width] (after ln_post, as open_clip returns them)."""
+        [B, P, vision_width] (ViT: after ln_post, as open_clip returns them; ModifiedResNet: the
+        last stage's feature map, one token per cell, the input of its attention pool)."""
         v = self.clip.visual
         if not patches:
             return self.clip.encode_image(images)
+        if hasattr(v, "attnpool"):
+            x = v.stem(images.to(v.conv1.weight.dtype))
+            x = v.layer4(v.layer3(v.layer2(v.layer1(x))))
+            return v.attnpool(x), x.flatten(2).transpose(1, 2)
         prev = getattr(v, "output_tokens", False)
         v.output_tokens = True
         try:
