@@ -45,10 +45,13 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Seed (default: the recipe's).")
 @click.option("--workers", type=int, default=None, help="Processes (default: one per CPU core).")
 @click.option("--shard", default=None, metavar="I/N", help="Run only work units u with u % N == I.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run work units on Ray actors (GPU actors for model stages); no ADDRESS = a local "
+                   "instance. Needs the ray extra and a folder every node can write.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def triplets(n, out, recipe, quality, seed, workers, shard, overrides, as_json, quiet) -> None:
+def triplets(n, out, recipe, quality, seed, workers, shard, ray_address, overrides, as_json, quiet) -> None:
     """Generate (or resume, or extend) a dataset of N synthetic triplets."""
     from datagen.pipeline import generate, summary_lines
     from datagen.recipe import load_gen_recipe, resolve_recipe_path
@@ -70,7 +73,7 @@ def triplets(n, out, recipe, quality, seed, workers, shard, overrides, as_json, 
     path = str(_guard(resolve_recipe_path, recipe, "gen"))
     log = (lambda s: click.echo(s, err=True)) if not as_json else (lambda s: None)
     stats = _guard(generate, r, out, n, seed=seed, workers=workers, recipe_path=path,
-                   progress=not quiet and not as_json, log=log, shard=shard_t)
+                   progress=not quiet and not as_json, log=log, shard=shard_t, ray_address=ray_address)
     if as_json:
         click.echo(json.dumps(stats, indent=2, sort_keys=True))
     elif stats:

@@ -158,8 +158,11 @@ def _work(task: tuple[int, int]) -> dict:
 
 def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None,
              workers: int | None = None, recipe_path: str = "", progress: bool = True,
-             log: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> dict:
-    """Make (or complete, or extend) the dataset in `out`; return the summary (stats.json)."""
+             log: Callable[[str], None] = print, shard: tuple[int, int] | None = None,
+             ray_address: str | None = None) -> dict:
+    """Make (or complete, or extend) the dataset in `out`; return the summary (stats.json).
+
+    `ray_address`: run the work units on Ray ("local" starts a local instance); see ray_runner."""
     out = Path(out)
     seed = recipe.seed if seed is None else seed
     if recipe.images.backend == "shapes":
@@ -175,10 +178,21 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
     if shard is not None:
         i, k = shard
         todo = [t for t in todo if t[0] % k == i]
-    workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
-    workers = max(1, min(workers, len(todo) or 1))
     t0 = time.time()
-    if todo:
+    if todo and ray_address is not None:
+        total = sum(c for _, c in p.units)
+        done_before = total - sum(c for _, c in p.todo)
+        from tqdm import tqdm
+
+        from .ray_runner import run_units_ray
+
+        with tqdm(total=total, initial=done_before, unit="triplet", disable=not progress, desc="triplets",
+                  smoothing=0.1, dynamic_ncols=True) as bar:
+            run_units_ray(recipe, seed, out, todo, ray_address, workers or recipe.pipeline.workers or None,
+                          bar.update, log)
+    elif todo:
+        workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
+        workers = max(1, min(workers, len(todo) or 1))
         total = sum(c for _, c in p.units)
         done_before = total - sum(c for _, c in p.todo)
         log(f"{out}: {len(todo)} of {len(p.units)} work units to run "
