@@ -45,14 +45,25 @@ class StageSpec:
 
 @dataclass
 class BenchSpec:
-    format: str = "cirr"
+    """A shapes benchmark written for the study, or (`root`) an existing benchmark folder."""
+    format: str = "cirr"                       # shapes benchmark layout: cirr | circo
     queries: int = 1000
     seed: int = 0
     resolution: int = 128
+    root: str = ""                             # e.g. a CIRR/FashionIQ/CIRCO folder (real runs)
+    dataset: str = ""                          # with root: cirr | fashioniq | circo | shapes-cirr ...
+    split: str = "val"
+    protocol: list[str] = field(default_factory=list)   # protocol overrides, e.g. [template=pic2word]
 
     def validate(self) -> None:
         if self.format not in ("cirr", "circo"):
             raise ValueError(f"format: {self.format!r} is not cirr or circo")
+        if bool(self.root) != bool(self.dataset):
+            raise ValueError("root and dataset go together (an existing benchmark folder and its name)")
+
+    @property
+    def name(self) -> str:
+        return self.dataset or f"shapes-{self.format}"
 
 
 @dataclass
@@ -223,6 +234,8 @@ class Study:
     def benchmark(self) -> Path:
         from datagen.world.benchmark import write_shapes_benchmark
 
+        if self.r.benchmark.root:
+            return Path(self.r.benchmark.root)
         folder = self.out / "bench"
         key = self._bench_key()
         if not _done(folder, "study-done.json", key):
@@ -263,10 +276,10 @@ class Study:
             if res["triplets"] != cell.quantity:
                 raise ConfigError(f"cell {cell.name}: trained on {res['triplets']} triplets, "
                                   f"expected {cell.quantity} (see the tier's filters)")
-        protocol = build_protocol([])
+        b = self.r.benchmark
+        protocol = build_protocol(list(b.protocol))
         model = resolve_model(str(run), preprocess=protocol.preprocess, target_ratio=protocol.target_ratio)
-        dataset = f"shapes-{self.r.benchmark.format}"
-        result = evaluate(model, dataset, bench, "val", protocol, EvalOptions(), log=lambda s: None)
+        result = evaluate(model, b.name, bench, b.split, protocol, EvalOptions(), log=lambda s: None)
         per_kept = 0.0 if cell.tier is None else gen_stats[cell.tier.name]["budget"]["seconds_per_kept"]
         row = {"study_key": key, "recipe_hash": self.recipe_hash, "cell": cell.name,
                "tier": "stage1" if cell.tier is None else cell.tier.name, "quantity": cell.quantity,

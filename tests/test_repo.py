@@ -29,6 +29,41 @@ def test_every_gen_recipe_loads(path):
     assert r.expected_cost and r.hash()
 
 
+def _loader(kind: str):
+    from cir.shapes_clip import load_pretrain_recipe
+    from cir.stage1 import load_stage1_recipe
+    from cir.stage2 import load_stage2_recipe
+    from cir.study import load_study_recipe
+
+    return {"pretrain-clip": load_pretrain_recipe, "stage1": load_stage1_recipe, "stage2": load_stage2_recipe,
+            "study": load_study_recipe}[kind]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "train").glob("*.yaml"))
+                         + sorted((ROOT / "recipes" / "study").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_train_and_study_recipe_loads_and_validates(path):
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    kind = data["kind"]
+    r = _loader(kind)(str(path))
+    assert data.get("expected_cost"), f"{path.name}: say what it costs"
+    if kind == "study":        # the recipes it names exist and load too
+        from datagen.recipe import load_gen_recipe
+
+        for t in r.tiers:
+            load_gen_recipe(t.gen, list(t.overrides))
+        _loader("stage1")(r.stage1.recipe, list(r.stage1.overrides))
+        _loader("stage2")(r.stage2.recipe, list(r.stage2.overrides))
+    if kind == "pretrain-clip":  # its architecture is a shipped config
+        assert (ROOT / "assets" / "shapes_clip" / f"{r.model}.json").exists()
+
+
+def test_recipes_folder_holds_only_known_kinds():
+    kinds = {p.parent.name for p in (ROOT / "recipes").rglob("*.yaml")}
+    assert kinds <= {"gen", "train", "study"}
+
+
 def test_import_datagen_does_not_import_cir_or_torch():
     import subprocess
     import sys
