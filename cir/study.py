@@ -304,7 +304,7 @@ class Study:
             self.log(f"[study] {done}/{len(cells)} cells ready (eta {eta:.0f} s)")
         files = [self.out / "results.csv", self.out / "results.md"]
         if self.work_done or not all(f.exists() for f in files):
-            files = write_results(rows, self.out, self.r.primary_metric)
+            files = write_results(rows, self.out, self.r.primary_metric, self.recipe_hash)
         return {"cells": len(rows), "work_done": self.work_done, "files": [str(f) for f in files]}
 
 
@@ -333,24 +333,28 @@ def summarise(rows: list[dict], metric: str) -> list[dict]:
     return out
 
 
-def write_results(rows: list[dict], out: Path, metric: str) -> list[Path]:
+def write_results(rows: list[dict], out: Path, metric: str, recipe_hash: str) -> list[Path]:
+    """results.csv (one row per cell: this study's recipe hash, and the cell's own config key),
+    results.md (the summary table) and the plots."""
     out = Path(out)
     metric_names = sorted({k for r in rows for k in r["metrics"]})
     csv_path = out / "results.csv"
     with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["cell", "tier", "quantity", "seed", "gen_seconds", "train_seconds", "recipe_hash"] + metric_names)
+        w.writerow(["cell", "tier", "quantity", "seed", "gen_seconds", "train_seconds", "recipe_hash", "cell_key"]
+                   + metric_names)
         for r in rows:
             w.writerow([r["cell"], r["tier"], r["quantity"], r["seed"], r["gen_seconds"], r["train_seconds"],
-                        r["recipe_hash"]] + [r["metrics"].get(m, "") for m in metric_names])
+                        recipe_hash, r["study_key"]] + [r["metrics"].get(m, "") for m in metric_names])
     csv_path.with_suffix(".csv.tmp").replace(csv_path)
     summary = summarise(rows, metric)
-    lines = [f"# Study results ({metric}, mean ± std over seeds; gain = over stage I alone)", "",
+    # The harness reports recalls in percent.
+    lines = [f"# Study results ({metric} in %, mean ± std over seeds; gain = over stage I alone)", "",
              f"| tier | triplets | seeds | {metric} | gain | generation s | stage II s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for s in sorted(summary, key=lambda s: (s["tier"] != "stage1", s["tier"], s["quantity"])):
-        lines.append(f"| {s['tier']} | {s['quantity']} | {s['seeds']} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} "
-                     f"| {100 * s['gain']:+.1f} | {s['gen_seconds']:.1f} | {s['train_seconds']:.1f} |")
+        lines.append(f"| {s['tier']} | {s['quantity']} | {s['seeds']} | {s['mean']:.1f} ± {s['std']:.1f} "
+                     f"| {s['gain']:+.1f} | {s['gen_seconds']:.1f} | {s['train_seconds']:.1f} |")
     md = out / "results.md"
     md.write_text("\n".join(lines) + "\n")
     return [csv_path, md] + plot(summary, out / "plots", metric)
@@ -372,10 +376,14 @@ def plot(summary: list[dict], folder: Path, metric: str) -> list[Path]:
         for tier in tiers:
             pts = sorted((s[x_key], s["mean"], s["std"]) for s in summary if s["tier"] == tier)
             xs, ys, es = zip(*pts)
-            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=tier)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=tier)
         if base is not None:
-            ax.axhline(100 * base["mean"], color="gray", linestyle="--", label="stage I only")
+            ax.axhline(base["mean"], color="gray", linestyle="--", label="stage I only")
         ax.set_xscale("log")
+        if x_key == "quantity":
+            qs = sorted({s["quantity"] for s in summary if s["tier"] != "stage1"})
+            ax.set_xticks(qs, [str(q) for q in qs])
+            ax.minorticks_off()
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)

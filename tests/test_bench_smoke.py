@@ -14,6 +14,7 @@ BENCH = Path(__file__).resolve().parent / "bench"
     ("bench_eval.py", []),
     ("bench_browse.py", []),
     ("bench_stage1.py", ["cached", "recompute", "speedup_cached_vs_recompute"]),
+    ("bench_stage2.py", ["results", "target_ratio_full_vs_bare"]),
 ])
 def test_bench_quick_mode_writes_json(tmp_path, script, keys):
     out = tmp_path / "b.json"
@@ -23,3 +24,14 @@ def test_bench_quick_mode_writes_json(tmp_path, script, keys):
     data = json.loads(out.read_text())
     for k in keys:
         assert k in data, k
+
+
+def test_gpu_check_dry_run_runs_every_part_and_records_errors_per_part(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--only", "stage2,retrieval",
+                        "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    parts = json.loads(out.read_text())["parts"]
+    assert set(parts) == {"stage2", "retrieval"}
+    assert not any("error" in p for p in parts.values()), parts
+    assert {"bare", "full", "adapter", "lora"} <= set(parts["stage2"]["results"])
