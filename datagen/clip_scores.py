@@ -93,7 +93,7 @@ class ClipScorer:
         with torch.no_grad():
             for i in range(0, len(images), self.batch_size):
                 x = torch.stack([self.clip.preprocess(to_pil(im)) for im in images[i:i + self.batch_size]])
-                f = self.model.encode_image(_pad1(x).to(self.device))[:len(x)].float()
+                f = _fixed_rows(self.model.encode_image, x.to(self.device)).float()
                 out.append(torch.nn.functional.normalize(f, dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self._dim(), device=self.device)
 
@@ -105,7 +105,7 @@ class ClipScorer:
         with torch.no_grad():
             for i in range(0, len(uniq), self.batch_size):
                 tok = self.clip.tokenizer(uniq[i:i + self.batch_size])
-                f = self.model.encode_text(_pad1(tok).to(self.device))[:len(tok)].float()
+                f = _fixed_rows(self.model.encode_text, tok.to(self.device)).float()
                 feats.append(torch.nn.functional.normalize(f, dim=-1))
         if not feats:
             return torch.zeros(0, self._dim(), device=self.device)
@@ -188,10 +188,27 @@ class ClipScorer:
         return {k: self._np(v) for k, v in out.items()}
 
 
-def _pad1(x):
-    # A batch of one takes another kernel path (GEMV) whose last bits differ from the batched
-    # one on CPU; padding it to two makes a row's score independent of how rows are batched.
-    return x.repeat(2, *([1] * (x.dim() - 1))) if len(x) == 1 else x
+ROWS_PER_CALL = 32
+
+
+def _fixed_rows(fn, x):
+    """`fn` over `x` in calls of exactly ROWS_PER_CALL rows (the last one padded by repeating a row).
+
+    Kernels pick their algorithm and summation order by batch size (a batch of one takes a GEMV
+    path; oneDNN convolutions block by batch), so a row's last bits would depend on how rows were
+    batched. A fixed call size makes every score independent of the pipeline's and the filter's
+    batch sizes; a row never depends on the other rows' values.
+    """
+    import torch
+
+    out = []
+    for j in range(0, len(x), ROWS_PER_CALL):
+        part = x[j:j + ROWS_PER_CALL]
+        n = len(part)
+        if n < ROWS_PER_CALL:
+            part = torch.cat([part, part[-1:].expand(ROWS_PER_CALL - n, *part.shape[1:])])
+        out.append(fn(part)[:n])
+    return torch.cat(out)
 
 
 def _guard_forked_openmp() -> None:

@@ -72,7 +72,9 @@ def test_directional_is_ip2p_formula_normalised_before_differences(scorer, image
     di, dt = fi1 - fi0, ft1 - ft0
     want = ((di * dt).sum(-1) / (di.norm(dim=-1) * dt.norm(dim=-1))).numpy()
     got = scorer.directional(ref, tgt, src, dst)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The scorer runs fixed-size calls (padded to 32 rows), the manual path a batch of 4: the last
+    # bits differ, and differences of near-collinear random-init features amplify them.
+    np.testing.assert_allclose(got, want, atol=1e-4)
     # Not the same thing as differences of unnormalised features (the normalisation matters).
     with torch.no_grad():
         raw = [scorer.model.encode_image(torch.stack([scorer.clip.preprocess(Image.open(io.BytesIO(b)))
