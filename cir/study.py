@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +126,6 @@ def _done(folder: Path, marker: str, key: str) -> bool:
 
 def _clear_stale(folder: Path, marker: str, key: str, log) -> None:
     """Remove a study output made by another configuration (only ever inside the study folder)."""
-    import shutil
-
     try:
         prev = json.loads((folder / marker).read_text()).get("study_key")
     except (OSError, json.JSONDecodeError):
@@ -256,13 +255,8 @@ class Study:
         key = self._cell_key(cell)
         if _done(folder, "metrics.json", key):
             return json.loads((folder / "metrics.json").read_text())
-        _clear_stale(folder, "metrics.json", key, self.log)
-        if (folder / "run" / "recipe.json").exists():
-            # An interrupted cell resumes only if it was started by this very configuration.
-            if json.loads((folder / "cell.json").read_text()).get("study_key") != key:
-                import shutil
-
-                shutil.rmtree(folder)
+        # cell.json is written first: an interrupted cell resumes only if this configuration started it.
+        _clear_stale(folder, "cell.json", key, self.log)
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / "cell.json", {"study_key": key, "cell": cell.name})
         train_s, run = 0.0, stage1

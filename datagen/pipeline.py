@@ -179,25 +179,17 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
         i, k = shard
         todo = [t for t in todo if t[0] % k == i]
     t0 = time.time()
-    if todo and ray_address is not None:
+    if todo:
         total = sum(c for _, c in p.units)
         done_before = total - sum(c for _, c in p.todo)
-        from tqdm import tqdm
-
-        from .ray_runner import run_units_ray
-
-        with tqdm(total=total, initial=done_before, unit="triplet", disable=not progress, desc="triplets",
-                  smoothing=0.1, dynamic_ncols=True) as bar:
-            run_units_ray(recipe, seed, out, todo, ray_address, workers or recipe.pipeline.workers or None,
-                          bar.update, log)
-    elif todo:
-        workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
-        workers = max(1, min(workers, len(todo) or 1))
-        total = sum(c for _, c in p.units)
-        done_before = total - sum(c for _, c in p.todo)
-        log(f"{out}: {len(todo)} of {len(p.units)} work units to run "
-            f"({done_before} triplets already there), {workers} worker(s)")
-        _run_units(recipe, seed, out, todo, workers, progress, total, done_before)
+        if ray_address is None:
+            workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
+            workers = max(1, min(workers, len(todo)))
+            log(f"{out}: {len(todo)} of {len(p.units)} work units to run "
+                f"({done_before} triplets already there), {workers} worker(s)")
+        else:
+            workers = workers or recipe.pipeline.workers or None     # None: Ray sizes the actor pool
+        _run_units(recipe, seed, out, todo, workers, progress, total, done_before, ray_address, log)
     else:
         log(f"{out}: all {len(p.units)} work units are complete; nothing to do")
     if shard is not None and any(not unit_done(out, u, c) for u, c in p.units):
@@ -210,13 +202,17 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
     return stats
 
 
-def _run_units(recipe, seed, out, todo, workers, progress, total, done_before) -> None:
+def _run_units(recipe, seed, out, todo, workers, progress, total, done_before, ray_address, log) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=done_before, unit="triplet", disable=not progress,
                desc="triplets", smoothing=0.1, dynamic_ncols=True)
     try:
-        if workers == 1:
+        if ray_address is not None:
+            from .ray_runner import run_units_ray
+
+            run_units_ray(recipe, seed, out, todo, ray_address, workers, bar.update, log)
+        elif workers == 1:
             stages = Stages(recipe, seed)
             for u, c in todo:
                 run_unit(recipe, seed, u, c, out, stages)
