@@ -1,14 +1,16 @@
 """Train and measure shapes-CLIP: a small open_clip model learned from scratch on the shapes world.
 
 Training is plain CLIP (open_clip's contrastive loss) on an endless, seeded stream of rendered
-scenes and their training-phrase captions. Two design choices make shape and position learnable
-(with complete captions colour and background alone separate almost any batch, and a first
-design learned shape and position at chance level):
-- half of each batch are pairs one faithful edit apart (same poses; change of shape, position,
-  size or colour), so the pair can only be told apart by that attribute;
-- half of the captions are *partial*: each of size, colour, position and background is left out
-  with probability 1/2 (at least one), e.g. "a triangle and a square at the center", so the
-  shape words (always present) and the position words must be grounded in the image. The data of step k depends only on (seed, k): a resumed run sees exactly
+scenes and their training-phrase captions. Complete captions are separable by colour and background
+alone, so the data options make the other attributes necessary (see MODEL_CARD.md for what each
+did):
+- `pair_types`: part of each batch are pairs one faithful edit apart (same poses; the named change),
+  which only that attribute tells apart;
+- `neg_captions`: every image also scores a caption of a scene one attribute away (NegCLIP-style);
+- `partial_fraction`: captions that leave size, colour, position or background out;
+- `phases`: later phases of the schedule with a warm-restarted learning rate and their own data
+  options (the shipped model learns shape first, then binding of colour, size and position).
+The data of step k depends only on (seed, k, the options of k's phase): a resumed run sees exactly
 the batches an uninterrupted run sees.
 
 Evaluation uses held-out scenes (a hash partition of the scene space never sampled in training)
@@ -20,7 +22,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,26 @@ from datagen.world.editor import sample_edit
 from datagen.world.phrases import load_phrases
 from datagen.world.render import RenderConfig, render
 from datagen.world.scene import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, is_heldout, random_obj, sample_scene
+
+
+_PHASE_DATA_KEYS = ("pair_types", "pair_fraction", "partial_fraction", "neg_captions")
+
+
+@dataclass
+class Phase:
+    """A later phase of the schedule: `steps` more steps, the learning rate warm-restarted (linear
+    warmup to `lr`, cosine to 0 at the phase's end); data options given here replace the run's."""
+    steps: int
+    lr: float
+    warmup: int = 0
+    pair_types: list[str] | None = None
+    pair_fraction: float | None = None
+    partial_fraction: float | None = None
+    neg_captions: list[str] | None = None
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.lr <= 0 or not 0 <= self.warmup < self.steps:
+            raise ValueError(f"a phase needs steps > 0, lr > 0 and 0 <= warmup < steps (got {self})")
 
 
 @dataclass
@@ -57,10 +79,40 @@ class PretrainConfig:
     # NegCLIP-style hard negatives: each image also scores one caption of a scene that differs in
     # one of these attributes (image->text side only); empty = off.
     neg_captions: list[str] = field(default_factory=list)
+    # The first phase is `steps` steps of a cosine schedule `schedule_steps` long (default: `steps`);
+    # a longer schedule ends the phase before the learning rate reaches 0.
+    schedule_steps: int | None = None
+    phases: list[Phase] = field(default_factory=list)
     # Runtime knobs, not part of the run's identity (they do not change what is learned, or only
     # in floating-point rounding for `device`):
     stop_after: int | None = None    # stop early (as if interrupted)
     device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.schedule_steps is not None and self.schedule_steps < self.steps:
+            raise ValueError(f"schedule_steps ({self.schedule_steps}) must be >= steps ({self.steps})")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + sum(p.steps for p in self.phases)
+
+    def phase_at(self, step: int) -> tuple[int, int]:
+        """(phase index, step within it); phase 0 is the first `steps` steps."""
+        if step < self.steps:
+            return 0, step
+        i = step - self.steps
+        for k, ph in enumerate(self.phases):
+            if i < ph.steps:
+                return k + 1, i
+            i -= ph.steps
+        raise IndexError(f"step {step} is past the schedule ({self.total_steps} steps)")
+
+    def data_view(self, phase: int) -> "PretrainConfig":
+        """The config whose data options hold in `phase`."""
+        if phase == 0:
+            return self
+        ph = self.phases[phase - 1]
+        return replace(self, **{k: getattr(ph, k) for k in _PHASE_DATA_KEYS if getattr(ph, k) is not None})
 
 
 RUNTIME_KNOBS = ("stop_after", "device", "threads", "loader_workers")
@@ -75,17 +127,19 @@ class _StepBatches(torch.utils.data.Dataset):
     """Item k is the whole batch of step k: images [B,3,64,64] and tokens [B,ctx]."""
 
     def __init__(self, cfg: PretrainConfig, preprocess, tokenizer):
-        self.cfg, self.preprocess, self.tokenizer = cfg, preprocess, tokenizer
+        self.run_cfg, self.preprocess, self.tokenizer = cfg, preprocess, tokenizer
+        self.views = [cfg.data_view(k) for k in range(len(cfg.phases) + 1)]
         self.phrases = load_phrases("train")
         self.render_cfg = RenderConfig(resolution=cfg.resolution)
 
     def __len__(self) -> int:
-        return self.cfg.steps
+        return self.run_cfg.total_steps
 
-    def _omit(self, rng: np.random.Generator) -> frozenset:
-        if self.cfg.partial_fraction <= 0:      # no draw: the stream of a complete-caption recipe
+    @staticmethod
+    def _omit(cfg: PretrainConfig, rng: np.random.Generator) -> frozenset:
+        if cfg.partial_fraction <= 0:      # no draw: the stream of a complete-caption recipe
             return frozenset()
-        if rng.random() >= self.cfg.partial_fraction:
+        if rng.random() >= cfg.partial_fraction:
             return frozenset()
         while True:
             omit = frozenset(a for a in _OMITTABLE if rng.random() < 0.5)
@@ -93,7 +147,7 @@ class _StepBatches(torch.utils.data.Dataset):
                 return omit
 
     def __getitem__(self, step: int):
-        cfg = self.cfg
+        cfg = self.views[self.run_cfg.phase_at(step)[0]]
         rng = np.random.default_rng([cfg.seed, step])
         n_pairs = int(cfg.batch_size * cfg.pair_fraction) // 2
         scenes: list[Scene] = []
@@ -106,25 +160,26 @@ class _StepBatches(torch.utils.data.Dataset):
             scenes += [s, t]
         while len(scenes) < cfg.batch_size:
             scenes.append(sample_scene(rng, cfg.min_objects, cfg.max_objects, split="train"))
-        captions = [self.phrases.caption(s, rng, self._omit(rng)) for s in scenes]
+        captions = [self.phrases.caption(s, rng, self._omit(cfg, rng)) for s in scenes]
         images = torch.stack([self.preprocess(render(s, int(rng.integers(2**31)), self.render_cfg))
                               for s in scenes])
         if not cfg.neg_captions:        # no draw: the stream of a recipe without negatives
             return images, self.tokenizer(captions), None
-        negs = [self.phrases.caption(self._negative(s, rng), rng) for s in scenes]
+        negs = [self.phrases.caption(_negative(cfg, s, rng), rng) for s in scenes]
         return images, self.tokenizer(captions), self.tokenizer(negs)
 
-    def _negative(self, scene: Scene, rng: np.random.Generator) -> Scene:
-        """A training-split scene one attribute away from `scene` (complete caption follows)."""
-        attrs = list(self.cfg.neg_captions)
-        for _ in range(16):
-            attr = attrs[int(rng.integers(len(attrs)))]
-            cands = one_attribute_variants(scene, attr, rng, self.cfg.max_objects)[1:]
-            if cands:
-                neg = cands[int(rng.integers(len(cands)))]
-                if not is_heldout(neg):
-                    return neg
-        return sample_scene(rng, self.cfg.min_objects, self.cfg.max_objects, split="train")
+
+def _negative(cfg: PretrainConfig, scene: Scene, rng: np.random.Generator) -> Scene:
+    """A training-split scene one attribute (of `cfg.neg_captions`) away from `scene`."""
+    attrs = list(cfg.neg_captions)
+    for _ in range(16):
+        attr = attrs[int(rng.integers(len(attrs)))]
+        cands = one_attribute_variants(scene, attr, rng, cfg.max_objects)[1:]
+        if cands:
+            neg = cands[int(rng.integers(len(cands)))]
+            if not is_heldout(neg):
+                return neg
+    return sample_scene(rng, cfg.min_objects, cfg.max_objects, split="train")
 
 
 def one_attribute_variants(scene: Scene, attr: str, rng: np.random.Generator, max_objects: int):
@@ -197,10 +252,17 @@ def _param_groups(model, weight_decay: float):
 
 
 def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    """Linear warmup, then cosine to 0, per phase (later phases restart it)."""
+    phase, i = cfg.phase_at(step)
+    if phase == 0:
+        lr, warmup, length = cfg.lr, cfg.warmup, cfg.schedule_steps or cfg.steps
+    else:
+        ph = cfg.phases[phase - 1]
+        lr, warmup, length = ph.lr, ph.warmup, ph.steps
+    if i < warmup:
+        return lr * (i + 1) / warmup
+    t = (i - warmup) / max(1, length - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -219,7 +281,11 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
     cfg_path, state_path = out / "config.json", out / "state.pt"
     ident = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_KNOBS}
     if cfg_path.exists():
-        prev = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k not in RUNTIME_KNOBS}
+        from datagen.config import from_dict
+
+        # Filled with today's defaults, so a run written before an option existed still resumes.
+        prev = {k: v for k, v in asdict(from_dict(PretrainConfig, json.loads(cfg_path.read_text()))).items()
+                if k not in RUNTIME_KNOBS}
         if prev != ident:
             raise ValueError(f"{out} holds a run with a different config; use a new --out")
     else:
@@ -237,14 +303,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
         start, elapsed = int(st["step"]), float(st["elapsed"])
         log(f"resuming at step {start}")
     data = _StepBatches(cfg, preprocess, tokenizer)
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    total = cfg.total_steps
+    end = total if cfg.stop_after is None else min(total, cfg.stop_after)
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=range(start, end), num_workers=cfg.loader_workers,
         prefetch_factor=4 if cfg.loader_workers else None, persistent_workers=False)
     metrics_f = open(out / "metrics.jsonl", "a")
     model.train()
     t0 = time.time() - elapsed
-    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain shapes-clip", unit="step")
+    bar = tqdm(total=total, initial=start, desc="pretrain shapes-clip", unit="step")
     step = start
     for images, tokens, negs in loader:
         for g in opt.param_groups:
@@ -262,7 +329,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         rec = {"step": step, "loss": round(loss.item(), 5), "lr": _lr_at(step - 1, cfg),
                "seconds": round(time.time() - t0, 1)}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step == total:
             model.eval()
             ev = evaluate(LoadedClip(model, preprocess, tokenizer, cfg.model, "training"),
                           n_scenes=cfg.eval_scenes, seed=12345)
@@ -271,7 +338,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
             log(json.dumps({"step": step, **ev}))
         metrics_f.write(json.dumps(rec) + "\n")
         metrics_f.flush()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_after:
+        if step % cfg.ckpt_every == 0 or step == total or step == cfg.stop_after:
             _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                                 "elapsed": time.time() - t0}, state_path)
         if cfg.stop_after is not None and step >= cfg.stop_after:
@@ -280,9 +347,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
     metrics_f.close()
     # An early stop exports too (named by its step), so a checkpoint of a longer schedule can be
     # shipped and reproduced exactly with `--set stop_after=N`.
-    name = "shapes-clip.safetensors" if step >= cfg.steps else f"shapes-clip-step{step}.safetensors"
+    name = "shapes-clip.safetensors" if step >= total else f"shapes-clip-step{step}.safetensors"
     return export(model, cfg.seed, out / name,
-                  {"steps_done": str(step), "steps_scheduled": str(cfg.steps), "architecture": cfg.model,
+                  {"steps_done": str(step), "steps_scheduled": str(total), "architecture": cfg.model,
                    "device": str(device), "train_seconds": f"{time.time() - t0:.0f}"})
 
 
