@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from datagen.clip_loader import weights_identity
 from datagen.config import ConfigError, stable_hash, to_dict
 from datagen.recipe import load_recipe
 
@@ -157,8 +158,12 @@ class Study:
         return load_gen_recipe(tier.gen, list(tier.overrides))
 
     def _gen_key(self, tier: Tier) -> str:
-        return stable_hash({"gen": self._gen_recipe(tier).identity(), "seed": self.r.gen_seed,
-                            "n": max(self.r.quantities)})
+        recipe = self._gen_recipe(tier)
+        key = {"gen": recipe.identity(), "seed": self.r.gen_seed, "n": max(self.r.quantities)}
+        clip = recipe.filters.clip
+        if clip.enabled:      # the filter's weights decide what is kept
+            key["filter_weights"] = weights_identity(clip.model, clip.pretrained, clip.random_init)
+        return stable_hash(key)
 
     def _stage1_recipe(self):
         from cir.stage1 import load_stage1_recipe
@@ -176,7 +181,10 @@ class Study:
         return r
 
     def _stage1_key(self) -> str:
-        return stable_hash({"stage1": to_dict(self._stage1_recipe())})
+        r = self._stage1_recipe()
+        # Stage II and the evaluation run on stage I's CLIP, so its weights key every cell.
+        return stable_hash({"stage1": to_dict(r),
+                            "weights": weights_identity(r.clip.name, r.clip.pretrained, r.clip.random_init)})
 
     def _bench_key(self) -> str:
         return stable_hash(to_dict(self.r.benchmark))

@@ -120,6 +120,20 @@ def shipped_weights() -> Path:
     return asset_path("shapes_clip", "shapes-clip.safetensors")
 
 
+def _weights_source(name: str, pretrained: str | None) -> str | None:
+    return str(shipped_weights()) if name == SHAPES_CLIP and pretrained is None else pretrained
+
+
+def weights_identity(name: str = SHAPES_CLIP, pretrained: str | None = None, random_init: bool = False) -> str:
+    """What `load_clip(...).weights_id` will be, without building the model: a local file's content
+    hash, `name:tag` for an open_clip tag, "random" for random weights. Outputs made with a CLIP
+    (study cells, scored data) are keyed by it, so new weights under the same name redo them."""
+    source = None if random_init else _weights_source(name, pretrained)
+    if source is None:
+        return "random"
+    return file_hash(source) if Path(source).exists() else f"{name}:{source}"
+
+
 def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: str = "cpu",
               random_init: bool = False) -> LoadedClip:
     """Load a CLIP by open_clip model name.
@@ -137,18 +151,12 @@ def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: st
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
-    weights_id = "random"
-    if not random_init:
-        source = pretrained
-        if name == SHAPES_CLIP and source is None:
-            source = str(shipped_weights())
-        if source is not None and Path(source).exists():
-            load_weights_file(model, source)
-            weights_id = file_hash(source)
-        elif source is not None:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=source, device="cpu")
-            weights_id = f"{name}:{source}"
+    source = None if random_init else _weights_source(name, pretrained)
+    if source is not None and Path(source).exists():
+        load_weights_file(model, source)
+    elif source is not None:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source, device="cpu")
+    weights_id = weights_identity(name, pretrained, random_init)
     model = model.to(device).eval()
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), name, weights_id)
 

@@ -70,3 +70,20 @@ def test_study_recipe_errors_name_the_field():
         load_study_recipe("shapes", ["quantity=[1]"])
     with pytest.raises(ConfigError, match="primary_metric"):
         load_study_recipe("shapes", ["primary_metric=R@3"])
+
+
+def test_outputs_are_keyed_by_the_clip_weights_not_only_by_the_model_name(tmp_path):
+    # New weights under the same name (a retrained shapes-CLIP) must redo stage I, the filtered
+    # data and every cell, not report the old results.
+    import torch
+    from safetensors.torch import save_file
+
+    keys, w = [], tmp_path / "weights.safetensors"      # one path, two contents
+    for i in range(2):
+        save_file({"x": torch.full((2,), float(i))}, str(w))
+        r = _tiny(tmp_path, [f"stage1.overrides=[clip.pretrained={w}]",
+                             f"tiers=[{{name: low, gen: shapes-low-filtered, overrides: [filters.clip.pretrained={w}]}}]"])
+        study = Study(r, tmp_path / "study", log=lambda s: None)
+        cell = study.cells()[1]
+        keys.append((study._stage1_key(), study._gen_key(cell.tier), study._cell_key(cell)))
+    assert all(a != b for a, b in zip(*keys))
