@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, _register_shapes_config, compact_state_dict,
+from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
                                  init_token_table)
 from datagen.world.editor import sample_edit
 from datagen.world.phrases import load_phrases
@@ -220,9 +220,8 @@ def build_model(seed: int, arch: str = SHAPES_CLIP):
     """shapes-CLIP with random weights; the token table from the recorded seed (see clip_loader)."""
     import open_clip
 
-    _register_shapes_config()
     torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    model, preprocess = create_architecture(arch)
     with torch.no_grad():
         w = model.token_embedding.weight
         w.copy_(init_token_table(w.shape[0], w.shape[1], seed))

@@ -13,6 +13,7 @@ weight decay, so untouched rows are still exactly at that initialisation.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -120,6 +121,28 @@ def shipped_weights() -> Path:
     return asset_path("shapes_clip", "shapes-clip.safetensors")
 
 
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it builds an
+    architecture without a tag, which is how every local weights file is loaded (weights follow)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def create_architecture(name: str, device: str = "cpu"):
+    """open_clip's model and preprocess for architecture `name` with random weights, quietly."""
+    import open_clip
+
+    _register_shapes_config()
+    quiet, root = _QuietRandomInit(), logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+    finally:
+        root.removeFilter(quiet)
+    return model, preprocess
+
+
 def _weights_source(name: str, pretrained: str | None) -> str | None:
     return str(shipped_weights()) if name == SHAPES_CLIP and pretrained is None else pretrained
 
@@ -150,7 +173,7 @@ def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: st
     # Random weights are seeded so that every process (workers, a later load_run) builds the same model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+        model, preprocess = create_architecture(name)
     source = None if random_init else _weights_source(name, pretrained)
     if source is not None and Path(source).exists():
         load_weights_file(model, source)
