@@ -117,6 +117,14 @@ class Cell:
 
 # ----------------------------------------------------------------------------- the steps
 
+def _what_is_learned(recipe) -> dict:
+    """A training recipe without its prose and its feature-cache folder (they change no result)."""
+    d = to_dict(recipe)
+    for k in ("name", "description", "expected_cost", "cache_dir"):
+        d.pop(k, None)
+    return d
+
+
 def _done(folder: Path, marker: str, key: str) -> bool:
     """`folder/marker` exists and records configuration hash `key`."""
     try:
@@ -183,7 +191,7 @@ class Study:
     def _stage1_key(self) -> str:
         r = self._stage1_recipe()
         # Stage II and the evaluation run on stage I's CLIP, so its weights key every cell.
-        return stable_hash({"stage1": to_dict(r),
+        return stable_hash({"stage1": _what_is_learned(r),
                             "weights": weights_identity(r.clip.name, r.clip.pretrained, r.clip.random_init)})
 
     def _bench_key(self) -> str:
@@ -193,7 +201,7 @@ class Study:
         base = {"stage1": self._stage1_key(), "bench": self._bench_key()}
         if cell.tier is None:
             return stable_hash(base)
-        s2 = to_dict(self._stage2_recipe(cell))
+        s2 = _what_is_learned(self._stage2_recipe(cell))
         s2["triplets"].pop("path")             # the folder's name is not its content
         return stable_hash({**base, "gen": self._gen_key(cell.tier), "stage2": s2})
 
@@ -351,11 +359,13 @@ def write_results(rows: list[dict], out: Path, metric: str, recipe_hash: str) ->
     csv_path.with_suffix(".csv.tmp").replace(csv_path)
     summary = summarise(rows, metric)
     # The harness reports recalls in percent.
-    lines = [f"# Study results ({metric} in %, mean ± std over seeds; gain = over stage I alone)", "",
+    lines = [f"# Study results ({metric} in %, mean over seeds ± std where there are several; "
+             "gain = over stage I alone)", "",
              f"| tier | triplets | seeds | {metric} | gain | generation s | stage II s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for s in sorted(summary, key=lambda s: (s["tier"] != "stage1", s["tier"], s["quantity"])):
-        lines.append(f"| {s['tier']} | {s['quantity']} | {s['seeds']} | {s['mean']:.1f} ± {s['std']:.1f} "
+        spread = f" ± {s['std']:.1f}" if s["seeds"] > 1 else ""    # no spread from one seed
+        lines.append(f"| {s['tier']} | {s['quantity']} | {s['seeds']} | {s['mean']:.1f}{spread} "
                      f"| {s['gain']:+.1f} | {s['gen_seconds']:.1f} | {s['train_seconds']:.1f} |")
     md = out / "results.md"
     md.write_text("\n".join(lines) + "\n")

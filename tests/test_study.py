@@ -41,7 +41,8 @@ def test_tiny_study_end_to_end_resumes_and_recomputes_one_cell(tmp_path):
     g = {(x["tier"], x["quantity"]): float(x["gen_seconds"]) for x in rows}
     assert g[("stage1", "0")] == 0 and 0 < g[("high", "20")] < g[("high", "40")]
     assert (out / "plots" / "metric_vs_triplets.png").stat().st_size > 1000
-    assert "| high | 40 | 1 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| high | 40 | 1 |" in md and "±" not in md.split("|---|")[-1]    # one seed: no spread shown
 
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = Study(_tiny(tmp_path), out, log=lambda s: None).run()
@@ -61,6 +62,7 @@ def test_tiny_study_end_to_end_resumes_and_recomputes_one_cell(tmp_path):
     fourth = Study(_tiny(tmp_path, ["seeds=[0,1]"]), out, log=lambda s: None).run()
     assert sorted(fourth["work_done"]) == ["cells/high-n20-s1", "cells/high-n40-s1",
                                            "cells/low-unfiltered-n20-s1", "cells/low-unfiltered-n40-s1"]
+    assert "| high | 40 | 2 |" in (md := (out / "results.md").read_text()) and "±" in md.split("|---|")[-1]
 
 
 def test_study_recipe_errors_name_the_field():
@@ -87,3 +89,13 @@ def test_outputs_are_keyed_by_the_clip_weights_not_only_by_the_model_name(tmp_pa
         cell = study.cells()[1]
         keys.append((study._stage1_key(), study._gen_key(cell.tier), study._cell_key(cell)))
     assert all(a != b for a, b in zip(*keys))
+
+
+def test_cell_keys_ignore_recipe_prose_and_cache_folders(tmp_path):
+    def key(*stage2):
+        study = Study(_tiny(tmp_path, [f"stage2.overrides=[{', '.join(stage2)}]"]), tmp_path / "s", log=lambda s: None)
+        return study._cell_key(study.cells()[1])
+
+    base = key("train.epochs=1")
+    assert key("train.epochs=1", "description=reworded", f"cache_dir={tmp_path / 'elsewhere'}") == base
+    assert key("train.epochs=2") != base
