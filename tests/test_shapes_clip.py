@@ -51,8 +51,9 @@ def test_contrastive_loss_is_open_clips_without_negatives_and_ranks_them_with():
 def test_pretraining_is_deterministic_and_resumes_bitwise_across_phases(tmp_path):
     # The shipped recipe's shape: shape-only pairs and negatives, then a phase with all of them.
     phase = Phase(steps=3, lr=5e-4, warmup=1, pair_types=["move", "recolor"], neg_captions=["color", "position"])
-    cfg = dict(steps=3, schedule_steps=5, batch_size=8, warmup=2, eval_every=1000, ckpt_every=1000, threads=1,
-               loader_workers=0, resolution=64, pair_types=["reshape"], neg_captions=["shape"], phases=[phase])
+    cfg = dict(steps=3, schedule_steps=5, batch_size=8, warmup=2, eval_every=1000, eval_scenes=8, ckpt_every=1000,
+               threads=1, loader_workers=0, resolution=64, pair_types=["reshape"], neg_captions=["shape"],
+               phases=[phase])
     a = pretrain(PretrainConfig(**cfg), tmp_path / "a", log=lambda s: None)
     assert a.name == "shapes-clip.safetensors"
     # Interrupted inside the second phase, then resumed.
@@ -104,8 +105,8 @@ def test_pretrain_config_errors_name_the_field():
 
 
 def test_a_run_written_before_an_option_existed_resumes(tmp_path):
-    cfg = PretrainConfig(steps=2, batch_size=4, warmup=1, eval_every=1000, ckpt_every=1000, threads=1,
-                         loader_workers=0, resolution=64)
+    cfg = PretrainConfig(steps=2, batch_size=4, warmup=1, eval_every=1000, eval_scenes=8, ckpt_every=1000,
+                         threads=1, loader_workers=0, resolution=64)
     pretrain(replace(cfg, stop_after=1), tmp_path, log=lambda s: None)
     old = json.loads((tmp_path / "config.json").read_text())
     del old["phases"], old["schedule_steps"]

@@ -83,8 +83,8 @@ def test_outputs_are_keyed_by_the_clip_weights_not_only_by_the_model_name(tmp_pa
     keys, w = [], tmp_path / "weights.safetensors"      # one path, two contents
     for i in range(2):
         save_file({"x": torch.full((2,), float(i))}, str(w))
-        r = _tiny(tmp_path, [f"stage1.overrides=[clip.pretrained={w}]",
-                             f"tiers=[{{name: low, gen: shapes-low-filtered, overrides: [filters.clip.pretrained={w}]}}]"])
+        tier = f"{{name: low, gen: shapes-low-filtered, overrides: [filters.clip.pretrained={w}]}}"
+        r = _tiny(tmp_path, [f"stage1.overrides=[clip.pretrained={w}]", f"tiers=[{tier}]"])
         study = Study(r, tmp_path / "study", log=lambda s: None)
         cell = study.cells()[1]
         keys.append((study._stage1_key(), study._gen_key(cell.tier), study._cell_key(cell)))
