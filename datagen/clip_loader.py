@@ -149,8 +149,8 @@ def _weights_source(name: str, pretrained: str | None) -> str | None:
 
 def weights_identity(name: str = SHAPES_CLIP, pretrained: str | None = None, random_init: bool = False) -> str:
     """What `load_clip(...).weights_id` will be, without building the model: a local file's content
-    hash, `name:tag` for an open_clip tag, "random" for random weights. Outputs made with a CLIP
-    (study cells, scored data) are keyed by it, so new weights under the same name redo them."""
+    hash, `name:tag` for an open_clip tag, "random" for random weights. The study keys its outputs
+    by it, so new weights under the same name redo them."""
     source = None if random_init else _weights_source(name, pretrained)
     if source is None:
         return "random"
