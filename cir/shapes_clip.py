@@ -135,17 +135,6 @@ class _StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.run_cfg.total_steps
 
-    @staticmethod
-    def _omit(cfg: PretrainConfig, rng: np.random.Generator) -> frozenset:
-        if cfg.partial_fraction <= 0:      # no draw: the stream of a complete-caption recipe
-            return frozenset()
-        if rng.random() >= cfg.partial_fraction:
-            return frozenset()
-        while True:
-            omit = frozenset(a for a in _OMITTABLE if rng.random() < 0.5)
-            if omit:
-                return omit
-
     def __getitem__(self, step: int):
         cfg = self.views[self.run_cfg.phase_at(step)[0]]
         rng = np.random.default_rng([cfg.seed, step])
@@ -160,13 +149,25 @@ class _StepBatches(torch.utils.data.Dataset):
             scenes += [s, t]
         while len(scenes) < cfg.batch_size:
             scenes.append(sample_scene(rng, cfg.min_objects, cfg.max_objects, split="train"))
-        captions = [self.phrases.caption(s, rng, self._omit(cfg, rng)) for s in scenes]
+        captions = [self.phrases.caption(s, rng, _omit(cfg, rng)) for s in scenes]
         images = torch.stack([self.preprocess(render(s, int(rng.integers(2**31)), self.render_cfg))
                               for s in scenes])
         if not cfg.neg_captions:        # no draw: the stream of a recipe without negatives
             return images, self.tokenizer(captions), None
         negs = [self.phrases.caption(_negative(cfg, s, rng), rng) for s in scenes]
         return images, self.tokenizer(captions), self.tokenizer(negs)
+
+
+def _omit(cfg: PretrainConfig, rng: np.random.Generator) -> frozenset:
+    """The attributes a caption leaves out (none unless the caption is drawn to be partial)."""
+    if cfg.partial_fraction <= 0:      # no draw: the stream of a complete-caption recipe
+        return frozenset()
+    if rng.random() >= cfg.partial_fraction:
+        return frozenset()
+    while True:
+        omit = frozenset(a for a in _OMITTABLE if rng.random() < 0.5)
+        if omit:
+            return omit
 
 
 def _negative(cfg: PretrainConfig, scene: Scene, rng: np.random.Generator) -> Scene:

@@ -79,6 +79,14 @@ def expand_state_dict(tensors: dict, meta: dict) -> dict:
 
 
 def file_hash(path: str | Path) -> str:
+    """Content hash of a file; remembered per (path, inode, size, mtime, ctime), since study keys
+    ask for the hash of the same (possibly GB-sized) weights file once per cell."""
+    st = Path(path).stat()
+    return _file_hash(str(Path(path).resolve()), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+@lru_cache(maxsize=64)
+def _file_hash(path: str, version: tuple) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -169,16 +177,17 @@ def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: st
 
     import torch
 
-    _register_shapes_config()
-    # Random weights are seeded so that every process (workers, a later load_run) builds the same model.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, preprocess = create_architecture(name)
     source = None if random_init else _weights_source(name, pretrained)
-    if source is not None and Path(source).exists():
-        load_weights_file(model, source)
-    elif source is not None:
+    if source is not None and not Path(source).exists():      # an open_clip pretrained tag
+        _register_shapes_config()
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source, device="cpu")
+    else:
+        # Random weights are seeded so that every process (workers, a later load_run) builds the same model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, preprocess = create_architecture(name)
+        if source is not None:
+            load_weights_file(model, source)
     weights_id = weights_identity(name, pretrained, random_init)
     model = model.to(device).eval()
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), name, weights_id)
