@@ -13,22 +13,19 @@ class _Fail(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
-def _guard(fn, *args, **kwargs):
-    """Turn the library's input errors into one clear line and a non-zero exit."""
-    from datagen.config import ConfigError
-    from datagen.pipeline import PipelineError
-    from datagen.schema import DatasetError
-    from datagen.store import StoreError
+class _Group(click.Group):
+    """The one place where a user-facing error (`CirgenError`) becomes `error: ...` and exit 1."""
 
-    from .data import DataError
+    def invoke(self, ctx):
+        from datagen.base.errors import CirgenError
 
-    try:
-        return fn(*args, **kwargs)
-    except (ConfigError, StoreError, DatasetError, PipelineError, DataError) as e:
-        raise _Fail(str(e)) from None
+        try:
+            return super().invoke(ctx)
+        except CirgenError as e:
+            raise _Fail(" ".join(str(e).split()) or type(e).__name__) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cirgen")
 def main() -> None:
     """cirgen: synthetic triplets and two-stage training for zero-shot composed image retrieval."""
@@ -69,10 +66,10 @@ def triplets(n, out, recipe, quality, seed, workers, shard, ray_address, overrid
             shard_t = (i, k)
         except (ValueError, AssertionError):
             raise _Fail(f"--shard {shard!r}: expected I/N with 0 <= I < N") from None
-    r = _guard(load_gen_recipe, recipe, list(overrides))
-    path = str(_guard(resolve_recipe_path, recipe, "gen"))
+    r = load_gen_recipe(recipe, list(overrides))
+    path = str(resolve_recipe_path(recipe, "gen"))
     log = (lambda s: click.echo(s, err=True)) if not as_json else (lambda s: None)
-    stats = _guard(generate, r, out, n, seed=seed, workers=workers, recipe_path=path,
+    stats = generate(r, out, n, seed=seed, workers=workers, recipe_path=path,
                    progress=not quiet and not as_json, log=log, shard=shard_t, ray_address=ray_address)
     if as_json:
         click.echo(json.dumps(stats, indent=2, sort_keys=True))
@@ -89,7 +86,7 @@ def inspect(dataset, as_json, examples) -> None:
     """Counts, pass rates, budget, failure labels and a few examples of a triplet dataset."""
     from datagen.inspect import inspect_dataset, render_text
 
-    report = _guard(inspect_dataset, dataset, examples)
+    report = inspect_dataset(dataset, examples)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render_text(report))
 
 
@@ -102,7 +99,7 @@ def pretrain_clip(out, recipe, overrides) -> None:
     """Train shapes-CLIP from scratch on the shapes world (resumable: rerun to continue)."""
     from cir.shapes_clip import load_pretrain_recipe, pretrain
 
-    cfg = _guard(load_pretrain_recipe, recipe, list(overrides))
+    cfg = load_pretrain_recipe(recipe, list(overrides))
     path = pretrain(cfg, out, log=lambda s: click.echo(s, err=True))
     click.echo(f"wrote {path}")
 
@@ -135,8 +132,8 @@ def stage1(recipe, out, resume, overrides) -> None:
     """Stage I: train the token learner (+ VSI) that maps an image to pseudo-word tokens."""
     from cir.stage1 import load_stage1_recipe, run_stage1
 
-    r = _guard(load_stage1_recipe, recipe, list(overrides))
-    res = _guard(run_stage1, r, out, resume=resume, log=lambda s: click.echo(s, err=True))
+    r = load_stage1_recipe(recipe, list(overrides))
+    res = run_stage1(r, out, resume=resume, log=lambda s: click.echo(s, err=True))
     click.echo(json.dumps(res.get("eval", res.get("train")), sort_keys=True))
 
 
@@ -151,13 +148,9 @@ def stage1(recipe, out, resume, overrides) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def browse(datasets, out, no_rejects, thumb_size, title, as_json) -> None:
     """Static HTML report of triplet dataset(s): cards, filters, scores, charts (opens from disk)."""
-    from datagen.report import ReportError, write_dataset_report
+    from datagen.report import write_dataset_report
 
-    try:
-        res = _guard(write_dataset_report, list(datasets), out, rejects=not no_rejects,
-                     thumb_size=thumb_size, title=title)
-    except ReportError as e:
-        raise _Fail(str(e)) from None
+    res = write_dataset_report(list(datasets), out, rejects=not no_rejects, thumb_size=thumb_size, title=title)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2, sort_keys=True))
         return
@@ -263,10 +256,10 @@ def stage2(recipe, triplets, stage1_run, out, max_triplets, where, resume, overr
     sets = list(overrides) + [f"triplets.path={triplets}"]
     if max_triplets is not None:
         sets.append(f"triplets.max_triplets={max_triplets}")
-    r = _guard(load_stage2_recipe, recipe, sets)
+    r = load_stage2_recipe(recipe, sets)
     if where:
         r.triplets.where = list(r.triplets.where) + list(where)
-    res = _guard(run_stage2, r, stage1_run, out, resume=resume, log=lambda s: click.echo(s, err=True))
+    res = run_stage2(r, stage1_run, out, resume=resume, log=lambda s: click.echo(s, err=True))
     click.echo(json.dumps(res, sort_keys=True, default=str))
 
 
@@ -279,8 +272,8 @@ def study(recipe, out, overrides) -> None:
     """Data-efficiency study: stage II gain vs triplet count x quality tier x seed (resumable)."""
     from cir.study import Study, load_study_recipe
 
-    r = _guard(load_study_recipe, recipe, list(overrides))
-    res = _guard(Study(r, out, log=lambda s: click.echo(s, err=True)).run)
+    r = load_study_recipe(recipe, list(overrides))
+    res = Study(r, out, log=lambda s: click.echo(s, err=True)).run()
     click.echo(json.dumps(res, indent=2))
 
 
@@ -297,7 +290,7 @@ def search(model_run, gallery, image, text, top_k, prompt, as_json) -> None:
     """Composed retrieval: find gallery images matching (reference image, modification text)."""
     from cir.search import GalleryIndex
 
-    index = _guard(GalleryIndex.build, model_run, gallery)
+    index = GalleryIndex.build(model_run, gallery)
     hits = index.query(image, text, top_k=top_k, prompt=prompt)
     if as_json:
         click.echo(json.dumps([{"path": str(p), "score": s} for p, s in hits], indent=2))

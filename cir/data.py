@@ -17,10 +17,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from datagen.base.errors import CirgenError
 from datagen.config import stable_hash
 
 
-class DataError(ValueError):
+class DataError(CirgenError, ValueError):
     """Unusable input data; the message names the file and the row/key."""
 
 

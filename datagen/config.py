@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .base.errors import CirgenError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(CirgenError, ValueError):
     """A recipe or config that cannot be used; the message names the file and the key."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .base.errors import CirgenError
 from .candidate import Candidate, candidate_seed
 from .captions import build_captions
 from .config import to_dict
@@ -29,7 +30,7 @@ from .store import (aggregate_stats, clean_temp_files, open_dataset, shard_path,
 MAX_CANDIDATES_PER_KEPT = 50  # give up on a unit whose filters reject (almost) everything
 
 
-class PipelineError(RuntimeError):
+class PipelineError(CirgenError, RuntimeError):
     pass
 
 

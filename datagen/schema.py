@@ -20,6 +20,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from .base.errors import CirgenError
+
 SCHEMA_VERSION = 1
 FORMAT = "cirgen-triplets"
 STAGES = ("captions", "edits", "images", "filters")
@@ -60,7 +62,7 @@ def build_schema(score_columns: list[str], pass_columns: list[str]) -> pa.Schema
     return pa.schema([pa.field(n, t) for n, t, _ in cols], metadata={"huggingface": hf})
 
 
-class DatasetError(ValueError):
+class DatasetError(CirgenError, ValueError):
     """A dataset folder that cannot be read as a triplet dataset; says which file and why."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .base.errors import CirgenError
 from .candidate import Candidate
 from .recipe import GenRecipe
 from .schema import FORMAT, SCHEMA_VERSION, STAGES
@@ -22,7 +23,7 @@ from .schema import FORMAT, SCHEMA_VERSION, STAGES
 ROW_GROUP = 100  # rows per parquet row group: readers stream ~100 image pairs at a time
 
 
-class StoreError(ValueError):
+class StoreError(CirgenError, ValueError):
     """The output folder cannot be used; nothing in it was changed."""
 
 

@@ -8,6 +8,8 @@ open_clip are only pulled in by the modules that need them.
 """
 from __future__ import annotations
 
+from datagen.base.errors import CirgenError
 
-class EvalError(ValueError):
+
+class EvalError(CirgenError, ValueError):
     """An evaluation input that cannot be used; the message names the file and the entry."""

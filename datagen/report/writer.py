@@ -22,11 +22,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..base.errors import CirgenError
+
 REPORT_FORMAT = "cirgen-report"
 STATIC_FILES = ("index.html", "report.js", "report.css")
 
 
-class ReportError(ValueError):
+class ReportError(CirgenError, ValueError):
     """The report cannot be written (bad input or output folder); nothing was changed."""
 
 

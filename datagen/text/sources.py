@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
+from ..base.errors import CirgenError
 from ..candidate import Candidate
 from .assign import SlotAssigner
 from .dedup import NearDupIndex
@@ -36,7 +37,7 @@ TEXT_SUFFIXES = (".txt",)
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
 
-class CaptionSourceError(ValueError):
+class CaptionSourceError(CirgenError, ValueError):
     """A caption file or dataset that cannot be used; the message names the file (and line)."""
 
 
