@@ -1,7 +1,14 @@
-"""Stage II modules: composing adapters (default), LoRA on attention, or full text fine-tuning.
+"""Stage II modules: what teaches the text encoder to compose the pseudo-word with the text.
 
-All three start as an identity on the text encoder (adapter up-projections and LoRA B matrices
-are zero-initialised), so stage II begins exactly where stage I ended.
+- `low-rank` (default; TSCIR's composing adapters, `model/model.py`: `LoRALayer`, applied in
+  `encode_text_img_retrieval`): after each chosen block (`every-other`: 1, 3, ..., 11 of 12) the
+  whole hidden sequence goes through h <- h + h A B, A [W, r], B [r, W], r = 128, both drawn
+  N(0, 1) x 0.01, so stage II does not start exactly at stage I (the product is ~1e-4 x h).
+  Where a block has both, VSI runs first, then the adapter (the released order).
+- `bottleneck` (cirgen's first design): LN -> down -> GELU -> up, up zero-initialised.
+- `lora`: LoRA on the attention projections of the chosen blocks (B zero-initialised).
+- `full`: the whole text tower is trained.
+`bottleneck`, `lora` and `full` start as an identity on the text encoder.
 """
 from __future__ import annotations
 
@@ -11,18 +18,37 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .blocks import check_block_spec, resolve_blocks
+
 
 @dataclass
 class ComposeConfig:
-    mode: str = "adapter"             # adapter | lora | full
-    layers: list[int] = field(default_factory=lambda: [-1])   # -1 = every text block
-    bottleneck: int = 64              # adapter hidden width
+    mode: str = "low-rank"            # low-rank (TSCIR) | bottleneck | lora | full
+    layers: list[int] | str = "every-other"    # see cir/blocks.py
+    rank: int = 128                   # low-rank adapter rank (released: 128)
+    init_std: float = 0.01            # low-rank: A, B ~ N(0, 1) x init_std (released: 0.01)
+    bottleneck: int = 64              # bottleneck adapter hidden width
     lora_rank: int = 8
     lora_alpha: float = 16.0
 
     def validate(self) -> None:
-        if self.mode not in ("adapter", "lora", "full"):
-            raise ValueError(f"mode: {self.mode!r} is not one of adapter, lora, full")
+        if self.mode not in ("low-rank", "bottleneck", "lora", "full"):
+            raise ValueError(f"mode: {self.mode!r} is not one of low-rank, bottleneck, lora, full")
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+        check_block_spec(self.layers, "layers")
+
+
+class LowRankAdapter(nn.Module):
+    """h -> h + h A B on every position: [B, L, W] -> [B, L, W] (TSCIR `LoRALayer`)."""
+
+    def __init__(self, width: int, rank: int, init_std: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(width, rank) * init_std)
+        self.B = nn.Parameter(torch.randn(rank, width) * init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (x @ self.A.to(x.dtype)) @ self.B.to(x.dtype)
 
 
 class BottleneckAdapter(nn.Module):
@@ -52,12 +78,8 @@ class LoRADelta(nn.Module):
         return w + self.scale * (self.B @ self.A).to(w.dtype)
 
 
-def _chosen(layers: list[int], n: int) -> list[int]:
-    return list(range(n)) if -1 in layers else sorted({(l + n) % n for l in layers})
-
-
 class Composer(nn.Module):
-    """What stage II trains on the text encoder, in one of three modes."""
+    """What stage II trains on the text encoder, in one of four modes (see the module docstring)."""
 
     def __init__(self, clip_model: nn.Module, cfg: ComposeConfig):
         super().__init__()
@@ -65,10 +87,13 @@ class Composer(nn.Module):
         blocks = clip_model.transformer.resblocks
         width = clip_model.token_embedding.weight.shape[1]
         device = clip_model.token_embedding.weight.device     # build beside the tower (GPU users)
-        self.layers = _chosen(cfg.layers, len(blocks))
+        self.layers = resolve_blocks(cfg.layers, len(blocks))
         self.adapters = nn.ModuleDict()
         self.lora = nn.ModuleList()
-        if cfg.mode == "adapter":
+        if cfg.mode == "low-rank":
+            self.adapters.update({str(l): LowRankAdapter(width, cfg.rank, cfg.init_std).to(device)
+                                  for l in self.layers})
+        elif cfg.mode == "bottleneck":
             self.adapters.update({str(l): BottleneckAdapter(width, cfg.bottleneck).to(device)
                                   for l in self.layers})
         elif cfg.mode == "lora":
@@ -88,8 +113,3 @@ class Composer(nn.Module):
     def hook(self, i: int, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         a = self.adapters[str(i)] if str(i) in self.adapters else None
         return x if a is None else a(x)
-
-    def trainable_parameters(self):
-        if self.cfg.mode == "full":
-            return list(self.text_params)
-        return [p for p in self.parameters()]

@@ -1,21 +1,21 @@
-"""CLIP wrapper for CIR: image features (global + patch tokens) and a text encoder with hooks.
+"""CLIP wrapper for CIR: image features (global + visual tokens) and a text encoder with hooks.
 
 The text encoder re-runs open_clip's own steps (token embedding, positional embedding, the
 resblocks with the causal mask, ln_final, EOT pooling, projection) so that three things can be
 inserted without touching open_clip:
 
-- pseudo-word tokens: the embedding of every `$` (CLIP BPE id 259) is replaced by the token
-  learner's output (several consecutive `$` take several pseudo tokens, in order);
-- VSI: after chosen blocks, gated cross-attention from the pseudo positions to the image's
-  patch tokens (stage I);
-- composing adapters: after chosen blocks (stage II).
+- pseudo-word tokens: at the placeholder position of the query template (see `cir.prompts`),
+  the token embedding is replaced by the token learner's output (n consecutive positions for
+  n pseudo tokens);
+- Visual Semantic Injection: hooks after chosen blocks that add to the pseudo-token state (stage I);
+- composing adapters: hooks after chosen blocks on the whole sequence (stage II).
 
 With none of them, `encode_text` is open_clip's `encode_text` to the last bit (a test checks it).
 Loading goes through `datagen.clip_loader.load_clip`, the project's one loader.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +24,12 @@ from torch.utils.checkpoint import checkpoint
 
 from datagen.clip_loader import LoadedClip, load_clip
 
-PLACEHOLDER = "$"
-PLACEHOLDER_ID = 259
+from .prompts import PromptError, QueryPrompt, as_query_prompts
 
 
-def expand_placeholder(prompt: str, n_tokens: int) -> str:
-    """`a photo of $ that ...` -> `a photo of $ $ $ that ...` for n_tokens pseudo-word tokens."""
-    return prompt.replace(PLACEHOLDER, " ".join([PLACEHOLDER] * n_tokens)) if n_tokens > 1 else prompt
+def expand_placeholder(prompt: QueryPrompt | str, n_tokens: int) -> str:
+    """How a prompt reads with n pseudo-word tokens, for logs: `a photo of * * * that ...`."""
+    return as_query_prompts([prompt])[0].text(n_tokens=n_tokens)
 
 
 class CIRClip(nn.Module):
@@ -60,11 +59,18 @@ class CIRClip(nn.Module):
 
     @property
     def vision_width(self) -> int:
-        """Width of the patch tokens that `image_features(patches=True)` returns."""
+        """Width of the visual tokens that `image_features(patches=True)` returns."""
         v = self.clip.visual
         if hasattr(v, "attnpool"):                 # ModifiedResNet: channels of the last stage
             return v.attnpool.k_proj.in_features
+        if getattr(v, "proj", None) is not None:   # ViT: tokens after ln_post and the projection
+            return v.proj.shape[1]
         return v.conv1.out_channels if hasattr(v, "conv1") else v.output_dim
+
+    @property
+    def patch_tokens_spec(self) -> str:
+        """What the visual tokens are (part of the feature cache key)."""
+        return "resnet-last-stage" if hasattr(self.clip.visual, "attnpool") else "vit-ln_post-proj"
 
     @property
     def embed_dim(self) -> int:
@@ -86,9 +92,13 @@ class CIRClip(nn.Module):
 
     # ------------------------------------------------------------------ images
     def image_features(self, images: torch.Tensor, patches: bool = False):
-        """Projected global embedding [B, D] (not normalised) and, on request, patch tokens
-        [B, P, vision_width] (ViT: after ln_post, as open_clip returns them; ModifiedResNet: the
-        last stage's feature map, one token per cell, the input of its attention pool)."""
+        """Projected global embedding [B, D] (not normalised) and, on request, visual tokens
+        [B, P, vision_width], CLS excluded, in row-major grid order.
+
+        ViT: every patch token after ln_post and the visual projection (TSCIR's `get_tokens`,
+        `model/model.py`: for ViT-L/14 at 224 px, P = 256 tokens of 768). ModifiedResNet (shapes-CLIP,
+        which has no per-token projection): the last stage's feature map, one token per cell, the
+        input of its attention pool (P = 4 cells of 1024 for shapes-CLIP)."""
         v = self.clip.visual
         if not patches:
             return self.clip.encode_image(images)
@@ -102,45 +112,87 @@ class CIRClip(nn.Module):
             pooled, tokens = v(images)
         finally:
             v.output_tokens = prev
+        if getattr(v, "proj", None) is not None and tokens.shape[-1] != v.proj.shape[1]:
+            tokens = tokens @ v.proj
         return pooled, tokens
 
     # ------------------------------------------------------------------ text
-    def tokenize(self, prompts: list[str], require_placeholder: bool = False) -> torch.Tensor:
-        tokens = self.tokenizer(prompts)
-        if require_placeholder:
-            has = (tokens == PLACEHOLDER_ID).any(dim=1)
-            for i, p in enumerate(prompts):
-                if PLACEHOLDER in p and not bool(has[i]):
-                    raise ValueError(f"prompt {i} lost its `$` placeholder to truncation at "
-                                     f"{self.context_length} tokens: {p[:80]!r}...")
-        return tokens
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Plain text -> [B, context_length] token ids (open_clip's tokenizer, truncated)."""
+        return self.tokenizer(texts)
+
+    def tokenize_queries(self, prompts: Sequence[QueryPrompt | str], n_tokens: int = 1,
+                         where: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Composed-query prompts -> (tokens [B, L] int64, placeholder index [B] int64).
+
+        Row = [SOT] + bpe(prefix) + n_tokens x [placeholder id] + bpe(suffix) + [EOT], cut to the
+        context length with EOT kept last (open_clip's truncation). The placeholder is a template
+        position: a `*`/`$` in the caption or modification text stays text.
+        Errors: `PromptError` naming `where[i]` (or the prompt's index) when the prefix pushes the
+        placeholder out of the context.
+        """
+        tok = self.tokenizer
+        if not hasattr(tok, "encode") or not hasattr(tok, "sot_token_id"):
+            raise PromptError(f"{self.name}: pseudo-word prompts need open_clip's BPE tokenizer "
+                              f"(this model uses {type(tok).__name__})")
+        ctx_len = self.context_length
+        ph_id = tok.encode("*")[0]
+        qps = as_query_prompts(prompts)
+        out = torch.zeros(len(qps), ctx_len, dtype=torch.long)
+        ph_index = torch.empty(len(qps), dtype=torch.long)
+        for i, q in enumerate(qps):
+            pre, post = tok.encode(q.prefix), tok.encode(q.suffix)
+            if 1 + len(pre) + n_tokens > ctx_len - 1:
+                name = where[i] if where is not None else f"prompt {i}"
+                raise PromptError(f"{name}: the placeholder falls outside the {ctx_len}-token text context "
+                                  f"({len(pre)} tokens before it): {q.text()[:80]!r}")
+            ids = [tok.sot_token_id] + pre + [ph_id] * n_tokens + post
+            ids = ids[:ctx_len - 1] + [tok.eot_token_id]
+            out[i, :len(ids)] = torch.tensor(ids)
+            ph_index[i] = 1 + len(pre)
+        return out, ph_index
+
+    def placeholder_fits(self, prompts: Sequence[QueryPrompt | str], n_tokens: int = 1) -> list[bool]:
+        """Per prompt: does the placeholder fall inside the text context? (Integrity checks.)"""
+        tok, ctx_len = self.tokenizer, self.context_length
+        return [1 + len(tok.encode(q.prefix)) + n_tokens <= ctx_len - 1 for q in as_query_prompts(prompts)]
 
     def encode_text(self, tokens: torch.Tensor, pseudo: torch.Tensor | None = None,
-                    hooks: list[Callable] | None = None, normalize: bool = False,
-                    truncate: bool = True) -> torch.Tensor:
-        """open_clip's text forward with pseudo-token injection and per-block hooks.
+                    placeholder_index: torch.Tensor | None = None, hooks: list[Callable] | None = None,
+                    normalize: bool = False, truncate: bool = True) -> torch.Tensor:
+        """open_clip's text forward with pseudo-token injection and per-block hooks -> [B, D].
 
-        pseudo: [B, n, W] pseudo-word embeddings; the k-th `$` of a row takes pseudo[:, k % n].
+        tokens: [B, L] ids (`tokenize` or `tokenize_queries`).
+        pseudo: [B, n, W] (or [B, W]) pseudo-word embeddings, written at positions
+               placeholder_index .. placeholder_index + n - 1 of each row (both or neither).
         hooks: callables `hook(block_index, x, ctx) -> x` run after every block (VSI, adapters);
-               ctx holds the placeholder mask.
+               x is [B, L, W]; ctx holds `placeholder_mask` [B, L] bool, `placeholder_index` [B]
+               and `eot_index` [B] (the EOT position, where the sentence feature is pooled).
         truncate: run only up to the longest prompt's EOT. Exact in arithmetic (causal mask), but
                matrix shapes change the float summation order, so features can differ from the
                full-length pass by ~1e-7 relative; `truncate=False` reproduces open_clip bitwise.
         """
         m = self.clip
         mask = m.attn_mask
+        eot_index = tokens.argmax(dim=-1)             # EOT has the largest id in CLIP's vocabulary
         if truncate and mask is not None and m.text_pool_type == "argmax":
             # Causal attention: positions after the last EOT cannot change any pooled output, so
             # run only up to the longest prompt (a 6-token prompt costs 6/77 of a full pass).
-            n = int(tokens.argmax(dim=-1).max()) + 1
+            n = int(eot_index.max()) + 1
             tokens, mask = tokens[:, :n], mask[:n, :n]
         cast_dtype = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast_dtype)
-        is_ph = tokens == PLACEHOLDER_ID
+        is_ph = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
         if pseudo is not None:
+            if placeholder_index is None:
+                raise ValueError("pseudo-word tokens need their placeholder_index")
+            pseudo = pseudo if pseudo.dim() == 3 else pseudo[:, None, :]
+            pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+            start = placeholder_index.to(tokens.device)[:, None]
+            is_ph = (pos >= start) & (pos < start + pseudo.shape[1])
             x = inject_pseudo_tokens(x, is_ph, pseudo.to(cast_dtype))
         x = x + m.positional_embedding[:x.shape[1]].to(cast_dtype)
-        ctx = {"placeholder_mask": is_ph}
+        ctx = {"placeholder_mask": is_ph, "placeholder_index": placeholder_index, "eot_index": eot_index}
         for i, blk in enumerate(m.transformer.resblocks):
             if self.grad_checkpointing and self.training and x.requires_grad:
                 x = checkpoint(blk, x, None, None, mask, use_reentrant=False)
@@ -158,10 +210,11 @@ class CIRClip(nn.Module):
 
 
 def inject_pseudo_tokens(x: torch.Tensor, is_ph: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
-    """Replace the embeddings at placeholder positions (differentiably)."""
-    if pseudo.dim() == 2:
-        pseudo = pseudo[:, None, :]
-    n = pseudo.shape[1]
-    k = (torch.cumsum(is_ph.long(), dim=1) - 1).clamp(min=0) % n          # [B, L]
+    """Write pseudo[:, k] at the k-th placeholder position of each row (differentiably).
+
+    x: [B, L, W] token embeddings; is_ph: [B, L] bool with n consecutive True per row;
+    pseudo: [B, n, W]. Returns [B, L, W].
+    """
+    k = (torch.cumsum(is_ph.long(), dim=1) - 1).clamp(min=0, max=pseudo.shape[1] - 1)   # [B, L]
     per_pos = torch.gather(pseudo, 1, k[..., None].expand(-1, -1, pseudo.shape[-1]))
     return torch.where(is_ph[..., None], per_pos, x)

@@ -1,8 +1,9 @@
 """The CIR model: CLIP + stage-I mapping (+ stage-II composer), saved as a run folder.
 
-Inference: query text `a photo of $ that {modification}`; `$` takes the pseudo-word token(s)
-made from the reference image; the text encoder (with VSI and the composer) encodes it; the
-gallery is frozen CLIP image embeddings; cosine similarity.
+Inference: query text `a photo of * that {modification}`; the template's `*` position takes the
+pseudo-word token made from the reference image (a `*` inside the modification text stays text);
+the text encoder (with VSI and the composer) encodes it; the gallery is frozen CLIP image
+embeddings; cosine similarity.
 
 A run folder holds `model.json` (what to build: CLIP name/weights, mapping and composer configs)
 and `model.safetensors` (the trained weights: mapping, composer, and text tower for full
@@ -14,15 +15,18 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .adapters import ComposeConfig, Composer
-from .clip import CIRClip, expand_placeholder
+from .clip import CIRClip
 from .mapping import Mapping, MappingConfig
+from .prompts import QueryPrompt
 
-DEFAULT_PROMPT = "a photo of $"
+MODEL_FORMAT = "cirgen-cir-model-v2"      # v2: TSCIR modules (v1 runs were cirgen's first design)
+DEFAULT_PROMPT = "a photo of *"          # stage I prompt and the map query of stage II (released)
 
 
 class CIRModel(nn.Module):
@@ -47,23 +51,28 @@ class CIRModel(nn.Module):
     def add_composer(self, cfg: ComposeConfig) -> None:
         self.composer = Composer(self.clip.clip, cfg)
 
-    def encode_query(self, image_global: torch.Tensor, patches: torch.Tensor | None, prompts: list[str],
-                     use_composer: bool = True) -> torch.Tensor:
-        """Normalised query features for reference images (global [B, D] normalised, patches
-        [B, P, Wv] or None) and prompts containing `$`."""
+    def encode_query(self, image_global: torch.Tensor, patches: torch.Tensor | None,
+                     prompts: Sequence[QueryPrompt | str], use_composer: bool = True,
+                     where: Sequence[str] | None = None) -> torch.Tensor:
+        """Normalised composed-query features [B, D].
+
+        image_global: [B, D] reference embeddings (normalised); patches: [B, P, vision_width]
+        reference visual tokens (needed when the model has VSI, else None); prompts: one
+        `QueryPrompt` (or a template string without `{}`, e.g. `a photo of *`) per row.
+        Errors: `PromptError` naming `where[i]` when a placeholder falls outside the context."""
         clip = self.clip
         dev = image_global.device
-        tokens = clip.tokenize([expand_placeholder(p, self.n_tokens) for p in prompts],
-                               require_placeholder=True).to(dev)
+        tokens, ph_index = clip.tokenize_queries(prompts, self.n_tokens, where)
         pseudo = self.mapping.token_learner(image_global)
         hooks = []
         if self.mapping.vsi is not None:
             if patches is None:
-                raise ValueError("this model uses VSI and needs the reference images' patch tokens")
+                raise ValueError("this model uses VSI and needs the reference images' visual tokens")
             hooks.append(self.mapping.vsi.hook(patches.to(dev)))
         if use_composer and self.composer is not None:
             hooks.append(self.composer.hook)
-        return clip.encode_text(tokens, pseudo=pseudo, hooks=hooks, normalize=True)
+        return clip.encode_text(tokens.to(dev), pseudo=pseudo, placeholder_index=ph_index.to(dev), hooks=hooks,
+                                normalize=True)
 
     # ------------------------------------------------------------ persistence
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -82,7 +91,7 @@ class CIRModel(nn.Module):
 
         run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
-        meta = {"format": "cirgen-cir-model-v1", "clip": self.clip_spec, "clip_weights_id": self.clip.weights_id,
+        meta = {"format": MODEL_FORMAT, "clip": self.clip_spec, "clip_weights_id": self.clip.weights_id,
                 "mapping": asdict(self.mapping.cfg),
                 "composer": asdict(self.composer.cfg) if self.composer is not None else None, **(extra or {})}
         tmp = run / ".model.safetensors.tmp"
@@ -115,13 +124,16 @@ class CIRModel(nn.Module):
 
 
 def load_run(path: str | Path, device: str = "cpu", use_composer: bool = True) -> "RunModel":
-    from datagen.config import from_dict
+    from datagen.config import ConfigError, from_dict
 
     path = Path(path)
     meta_path = path / "model.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{path}: not a cirgen model run (no model.json)")
+        raise ConfigError(f"{path}: not a cirgen model run (no model.json)")
     meta = json.loads(meta_path.read_text())
+    if meta.get("format") != MODEL_FORMAT:
+        raise ConfigError(f"{meta_path}: format {meta.get('format')!r}; this cirgen reads {MODEL_FORMAT!r} "
+                          "(retrain the run with this version)")
     clip = CIRClip.load(meta["clip"]["name"], meta["clip"].get("pretrained"), device,
                         random_init=meta["clip"].get("random_init", False))
     if meta.get("clip_weights_id") not in (None, clip.weights_id):

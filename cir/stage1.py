@@ -1,8 +1,18 @@
 """Stage I (mapping): train the token learner and VSI on image-caption pairs; CLIP stays frozen.
 
-Loss = image <-> `a photo of $` symmetric contrastive + w * soft text alignment (see losses.py).
-The frozen image tower runs once per image through the feature cache; caption features are
-cached too, so an epoch costs only the text encoder's forward/backward on the prompts.
+The released TSCIR objective (`src/trainer.py`, `get_loss_img2text`), features normalised,
+logit scale 1/T with T = 0.07 fixed:
+
+    t = T(`a photo of *`) with the pseudo-word of the image's reference view (and VSI on its tokens)
+    L = contrastive(t, target view) + 1.0 x contrastive(t, reference view)
+        + 0.2 x soft_text_alignment(LLM caption, t, target view)
+
+(see `cir/losses.py`). Two augmented views per image come from the feature cache (`cir/views.py`),
+so an epoch costs only the text encoder's forward/backward on the prompts. cirgen's first design
+stays as options: `loss.soft_alignment: caption`, `loss.temperature: null` (CLIP's learnt scale),
+`loss.reference_weight: 0`.
+
+Entry point `run_stage1` reads as numbered steps.
 """
 from __future__ import annotations
 
@@ -20,11 +30,12 @@ from datagen.recipe import load_recipe
 
 from .clip import CIRClip
 from .data import DataConfig, open_source
-from .features import FeatureCache
-from .losses import contrastive, soft_text_alignment
+from .features import FeatureCache, Features
+from .losses import caption_soft_alignment, contrastive, soft_text_alignment
 from .mapping import MappingConfig
 from .model import DEFAULT_PROMPT, CIRModel
 from .train import TrainConfig, fit, init_distributed
+from .views import ViewsConfig, make_view, view_seed
 
 
 @dataclass
@@ -38,9 +49,17 @@ class ClipConfig:
 @dataclass
 class Stage1Loss:
     prompt: str = DEFAULT_PROMPT
-    soft_alignment: bool = True
-    soft_weight: float = 1.0
-    target_temperature: float = 0.05
+    temperature: float | None = 0.07  # fixed T (TSCIR); null = CLIP's learnt logit scale
+    reference_weight: float = 1.0     # InfoNCE to the reference view (TSCIR: 1.0; 0 = off)
+    soft_alignment: str = "tscir"     # tscir (KL, images vs pseudo-sentences) | caption (first design) | off
+    soft_weight: float = 0.2          # TSCIR: 0.2
+    target_temperature: float = 0.05  # caption variant only: softness of the caption-caption target
+
+    def validate(self) -> None:
+        if self.soft_alignment not in ("tscir", "caption", "off"):
+            raise ValueError(f"soft_alignment: {self.soft_alignment!r} is not one of tscir, caption, off")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (or null for CLIP's learnt scale)")
 
 
 @dataclass
@@ -58,6 +77,7 @@ class Stage1Recipe:
     clip: ClipConfig = field(default_factory=ClipConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mapping: MappingConfig = field(default_factory=MappingConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
     loss: Stage1Loss = field(default_factory=Stage1Loss)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: Stage1Eval = field(default_factory=Stage1Eval)
@@ -70,8 +90,48 @@ def load_stage1_recipe(name_or_path: str = "stage1-shapes", overrides: list[str]
 
 def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=print,
                evaluate_after: bool = True) -> dict:
+    """Train stage I into run folder `out` (model.json, model.safetensors, metrics.jsonl,
+    checkpoints/, result.json). Returns the result dict. Errors: ConfigError for a `--resume`
+    with another recipe, DataError for unusable data (or counted skips with on_error=skip)."""
     out = Path(out)
     rank, _ = init_distributed()
+    # 1. Identity of the run: a resumed run must be the same recipe.
+    rhash = _claim_run_folder(recipe, out, resume, rank)
+    # 2. Model: frozen CLIP + the stage-I mapping.
+    torch.manual_seed(recipe.train.seed)
+    clip = CIRClip.load(recipe.clip.name, recipe.clip.pretrained, recipe.clip.device,
+                        random_init=recipe.clip.random_init)
+    model = CIRModel(clip, recipe.mapping, None, asdict(recipe.clip))
+    # 3. Data: cached features of the augmented views (and of the captions).
+    t0 = time.time()
+    src = open_source(recipe.data)
+    data = _ViewFeatures(recipe, src, FeatureCache(clip, recipe.cache_dir), model.uses_patches, rank, log)
+    feat_seconds = time.time() - t0
+    if data.skipped:
+        log(f"skipped {data.skipped} unusable image-caption pairs ({recipe.data.on_error=})")
+    dev = torch.device(recipe.clip.device)
+    model.to(dev)
+    clip.grad_checkpointing = recipe.train.grad_checkpointing
+    # 4. Train: the loss of the module docstring over batches of images.
+    loss_fn = _Stage1Loss(recipe, model, data, dev)
+    params = [p for p in model.mapping.parameters() if p.requires_grad]
+    last = fit(model.mapping, params, len(data.valid), loss_fn, recipe.train, out, resume=resume,
+               on_epoch_start=data.draw_views, log=log)
+    result = {"train": last, "feature_seconds": round(feat_seconds, 2), "images_encoded": data.cache.computed,
+              "skipped": data.skipped}
+    if last.get("stopped"):
+        return result
+    # 5. Save, and on the shapes world check `a photo of *` retrieval on held-out scenes.
+    if rank == 0:
+        model.save(out, {"stage": 1, "recipe_hash": rhash})
+        if evaluate_after and recipe.data.source == "shapes":
+            result["eval"] = evaluate_mapping(model, recipe.eval.scenes, recipe.eval.seed, recipe.loss.prompt)
+            log(json.dumps(result["eval"]))
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _claim_run_folder(recipe: Stage1Recipe, out: Path, resume: bool, rank: int) -> str:
     ident = to_dict(recipe)
     ident["train"].pop("stop_after")  # an interruption knob, not part of what is trained
     rhash = stable_hash(ident)
@@ -81,56 +141,92 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
         if prev.exists() and json.loads(prev.read_text())["hash"] != rhash and resume:
             raise ConfigError(f"{out}: --resume with a different recipe (hash mismatch); use a new --out")
         prev.write_text(json.dumps({"hash": rhash, "recipe": to_dict(recipe)}, indent=2))
-    torch.manual_seed(recipe.train.seed)
-    clip = CIRClip.load(recipe.clip.name, recipe.clip.pretrained, recipe.clip.device,
-                        random_init=recipe.clip.random_init)
-    model = CIRModel(clip, recipe.mapping, None, asdict(recipe.clip))
-    src = open_source(recipe.data)
-    cache = FeatureCache(clip, recipe.cache_dir)
-    t0 = time.time()
-    feats = cache.image_features(src.dataset_id, len(src), src.image, src.ids, patches=model.uses_patches,
-                                 on_error=recipe.data.on_error, progress=rank == 0)
-    caps = None
-    if recipe.loss.soft_alignment:
-        caps = torch.from_numpy(cache.text_features(src.dataset_id, [src.caption(i) for i in range(len(src))]))
-    feat_seconds = time.time() - t0
-    valid = np.nonzero(feats.valid)[0]
-    skipped = int(len(src) - len(valid)) + getattr(src, "skipped", 0)
-    if skipped:
-        log(f"skipped {skipped} unusable image-caption pairs ({recipe.data.on_error=})")
-    dev = torch.device(recipe.clip.device)
-    model.to(dev)
-    clip.grad_checkpointing = recipe.train.grad_checkpointing
-    scale = clip.logit_scale.to(dev)
-    prompt = recipe.loss.prompt
+    return rhash
 
-    def loss_fn(batch_idx: np.ndarray):
-        idx = valid[batch_idx]
-        g, p = feats.tensors(idx)
-        g = g.to(dev)
-        q = model.encode_query(g, None if p is None else p.to(dev), [prompt] * len(idx))
-        loss_c = contrastive(g, q, scale)
-        metrics = {"loss_contrastive": loss_c.detach()}
-        loss = loss_c
-        if caps is not None:
-            loss_s = soft_text_alignment(q, caps[idx].to(dev), scale, recipe.loss.target_temperature)
-            loss = loss + recipe.loss.soft_weight * loss_s
-            metrics["loss_soft"] = loss_s.detach()
-        return loss, metrics
 
-    params = [p for p in model.mapping.parameters() if p.requires_grad]
-    last = fit(model.mapping, params, len(valid), loss_fn, recipe.train, out, resume=resume, log=log)
-    result = {"train": last, "feature_seconds": round(feat_seconds, 2), "images_encoded": cache.computed,
-              "skipped": skipped}
-    if last.get("stopped"):
-        return result
-    if rank == 0:
-        model.save(out, {"stage": 1, "recipe_hash": rhash})
-        if evaluate_after and recipe.data.source == "shapes":
-            result["eval"] = evaluate_mapping(model, recipe.eval.scenes, recipe.eval.seed, prompt)
-            log(json.dumps(result["eval"]))
-        (out / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+class _ViewFeatures:
+    """Cached features of every image's reference and target views, and of its caption; which
+    view each image uses in an epoch is drawn by `draw_views(epoch)` (seeded by epoch)."""
+
+    def __init__(self, recipe: Stage1Recipe, src, cache: FeatureCache, patches: bool, rank: int, log):
+        v = recipe.views
+        self.cache, self.seed = cache, recipe.train.seed
+        if not v.augment:
+            log("stage I augmentation is OFF (views.augment: false): reference and target views are the image itself")
+
+        def views(kind: str, count: int, scale, flip: bool, with_patches: bool) -> list[Features]:
+            out = []
+            for k in range(count if v.augment else 1):
+                spec = stable_hash({"kind": kind, "k": k, "scale": scale, "flip": flip, "augment": v.augment,
+                                    "seed": recipe.data.seed})
+                image = ((lambda i, k=k: make_view(src.image(i), view_seed(recipe.data.seed, src.ids[i], kind, k),
+                                                    scale, flip)) if v.augment else src.image)
+                out.append(cache.image_features(f"{src.dataset_id}-{kind}{k}-{spec}", len(src), image, src.ids,
+                                                patches=with_patches, on_error=recipe.data.on_error,
+                                                progress=rank == 0))
+            return out
+
+        self.reference = views("reference", v.reference, v.reference_scale, v.reference_flip, patches)
+        self.target = views("target", v.target, v.target_scale, False, False)
+        ok = np.logical_and.reduce([f.valid for f in self.reference + self.target])
+        self.valid = np.nonzero(ok)[0]
+        self.skipped = int(len(src) - len(self.valid)) + getattr(src, "skipped", 0)
+        self.captions = None
+        if recipe.loss.soft_alignment != "off":
+            self.captions = torch.from_numpy(cache.text_features(src.dataset_id,
+                                                                 [src.caption(i) for i in range(len(src))]))
+        self.ref_view = self.tgt_view = np.zeros(len(src), dtype=np.int64)
+
+    def draw_views(self, epoch: int) -> dict:
+        rng = np.random.default_rng([self.seed, epoch, 101])
+        n = len(self.ref_view)
+        self.ref_view = rng.integers(0, len(self.reference), n)
+        self.tgt_view = rng.integers(0, len(self.target), n)
+        return {}
+
+    @staticmethod
+    def _rows(views: list[Features], pick: np.ndarray, idx: np.ndarray):
+        g, p = None, None
+        for k in np.unique(pick):
+            sel = np.nonzero(pick == k)[0]
+            gk, pk = views[int(k)].tensors(idx[sel])
+            if g is None:
+                g = torch.empty((len(idx),) + tuple(gk.shape[1:]), dtype=gk.dtype)
+                p = None if pk is None else torch.empty((len(idx),) + tuple(pk.shape[1:]), dtype=pk.dtype)
+            g[sel] = gk
+            if pk is not None:
+                p[sel] = pk
+        return g, p
+
+    def batch(self, idx: np.ndarray):
+        """(reference global [B, D], reference visual tokens [B, P, Wv] or None, target global [B, D],
+        caption features [B, D] or None) for dataset items `idx`."""
+        g_ref, p_ref = self._rows(self.reference, self.ref_view[idx], idx)
+        g_tgt, _ = self._rows(self.target, self.tgt_view[idx], idx)
+        caps = None if self.captions is None else self.captions[idx]
+        return g_ref, p_ref, g_tgt, caps
+
+
+class _Stage1Loss:
+    """loss(batch of item positions) -> (scalar, metrics); see the module docstring."""
+
+    def __init__(self, recipe: Stage1Recipe, model: CIRModel, data: _ViewFeatures, dev: torch.device):
+        self.loss, self.model, self.data, self.dev = recipe.loss, model, data, dev
+        t = recipe.loss.temperature
+        self.scale = model.clip.logit_scale.to(dev) if t is None else 1.0 / t
+
+    def __call__(self, batch: np.ndarray):
+        cfg, dev = self.loss, self.dev
+        g_ref, p_ref, g_tgt, caps = (None if x is None else x.to(dev) for x in self.data.batch(self.data.valid[batch]))
+        t = self.model.encode_query(g_ref, p_ref, [cfg.prompt] * len(batch))
+        terms = {"loss_target": contrastive(t, g_tgt, self.scale)}
+        if cfg.reference_weight:
+            terms["loss_reference"] = cfg.reference_weight * contrastive(t, g_ref, self.scale)
+        if cfg.soft_alignment == "tscir":
+            terms["loss_soft"] = cfg.soft_weight * soft_text_alignment(caps, t, g_tgt, self.scale)
+        elif cfg.soft_alignment == "caption":
+            terms["loss_soft"] = cfg.soft_weight * caption_soft_alignment(t, caps, self.scale, cfg.target_temperature)
+        return sum(terms.values()), {k: v.detach() for k, v in terms.items()}
 
 
 @torch.no_grad()

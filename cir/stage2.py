@@ -1,14 +1,25 @@
-"""Stage II (composing): teach the text encoder to compose `$` with the modification text.
+"""Stage II (composing): teach the text encoder to compose the pseudo-word with the modification text.
 
-Trainable: the composer (adapters by default; LoRA or full text fine-tuning as options), and the
-stage-I mapping only if `freeze_mapping: false`. Loss: InfoNCE from the composed query
-`a photo of $ that {modification}` to the target image over in-batch targets plus, per query,
-the reference image and the top-K non-target training images under the current model, re-mined
-at the start of every epoch; gallery images nearly identical to the target (frozen CLIP cosine
->= exclude_threshold) are never negatives.
+The released TSCIR objective (`src/trainer.py`, `get_loss_img2text_stage2`, its multi-GPU branch,
+which the reported runs used), features normalised, logit scale 1/T with T = 0.01 fixed:
+
+    q = T(`a photo of * that {relative caption}`)   the composed query (adapters on)
+    m = T(`a photo of *`)                            the map query (adapters on)
+    L = (L_i2t + L_t2i with 10 mixed hard negatives) / 2        `composed_contrastive`
+        + contrastive(m, reference image)                         L_map
+        + 0.2 x soft_text_alignment(reference caption, m, target)  KL
+
+Trainable: the composing adapters only (low-rank h + hAB after every other block, rank 128); the
+stage-I mapping (token learner, VSI) and both CLIP towers stay frozen, in eval mode. cirgen's first
+design stays as options: `compose.mode: bottleneck | lora | full`, `hard_negatives.kind: mined`
+(the reference and the top-K training images under the current model, re-mined every epoch and
+saved, so a resumed run uses the same negatives), `loss.map_weight: 0`, `loss.soft_weight: 0`.
+
+Entry point `run_stage2` reads as numbered steps.
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,18 +34,38 @@ from datagen.recipe import load_recipe
 
 from .adapters import ComposeConfig
 from .features import FeatureCache
-from .losses import hard_negative_infonce
-from .model import CIRModel, load_run
+from .losses import composed_contrastive, contrastive, hard_negative_infonce, soft_text_alignment
+from .model import DEFAULT_PROMPT, CIRModel, load_run
+from .prompts import fill_template
 from .train import TrainConfig, fit, init_distributed
 from .triplets import TripletsConfig, load_triplets
 
 
 @dataclass
 class HardNegativeConfig:
-    enabled: bool = True
-    k: int = 3                        # mined negatives per query (plus the reference)
-    include_reference: bool = True
-    exclude_threshold: float = 0.95   # gallery images this close to the target are not negatives
+    kind: str = "mixed"               # mixed (TSCIR, in-batch) | mined (first design, per epoch) | off
+    k: int = 10                       # negatives per query (TSCIR: 10 mixed)
+    scaled: bool = False              # mixed: multiply the appended logits by 1/T (released: no)
+    include_reference: bool = True    # mined: the reference image is one of the negatives
+    exclude_threshold: float = 0.95   # mined: gallery images this close to the target are not negatives
+
+    def validate(self) -> None:
+        if self.kind not in ("mixed", "mined", "off"):
+            raise ValueError(f"kind: {self.kind!r} is not one of mixed, mined, off")
+        if self.k < 0:
+            raise ValueError("k must be >= 0")
+
+
+@dataclass
+class Stage2Loss:
+    temperature: float | None = 0.01  # fixed T (TSCIR); null = CLIP's learnt logit scale
+    map_weight: float = 1.0           # L_map: contrastive(map query, reference image); 0 = off
+    soft_weight: float = 0.2          # KL soft text alignment on the map query; 0 = off
+    map_prompt: str = DEFAULT_PROMPT
+
+    def validate(self) -> None:
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (or null for CLIP's learnt scale)")
 
 
 @dataclass
@@ -43,12 +74,13 @@ class Stage2Recipe:
     name: str = "stage2-shapes"
     description: str = ""
     expected_cost: str = ""
-    prompt: str = "a photo of $ that {}"
+    prompt: str = "a photo of * that {}"
     triplets: TripletsConfig = field(default_factory=TripletsConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     freeze_mapping: bool = True
     hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, batch_size=128, lr=1e-3))
+    loss: Stage2Loss = field(default_factory=Stage2Loss)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, batch_size=128, warmup_steps=100))
     cache_dir: str | None = None
 
 
@@ -56,19 +88,63 @@ def load_stage2_recipe(name_or_path: str = "stage2-shapes", overrides: list[str]
     return load_recipe(Stage2Recipe, name_or_path, "train", overrides)
 
 
-def _prompt(template: str, modification: str) -> str:
-    return template.format(modification)
-
-
 def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume: bool = False,
                log=print) -> dict:
+    """Train stage II from the stage-I run `stage1` into run folder `out`. Returns the result
+    dict. Errors: ConfigError (not a stage-I run, a resume with another recipe, no triplets,
+    soft alignment without reference captions), DataError for unusable triplets."""
     out = Path(out)
     rank, _ = init_distributed()
+    # 1. Identity of the run: a resumed run must be the same recipe and stage-I run.
+    rhash = _claim_run_folder(recipe, Path(stage1), out, resume, rank)
+    # 2. Model: the stage-I run, frozen, plus a composer.
+    torch.manual_seed(recipe.train.seed)
+    model: CIRModel = load_run(stage1).model
+    model.add_composer(recipe.compose)
+    model.clip.freeze()
+    model.mapping.requires_grad_(not recipe.freeze_mapping)
+    if recipe.compose.mode == "full":
+        for p in model.composer.text_params:
+            p.requires_grad_(True)
+    # 3. Data: triplets and the cached features of their images (and reference captions).
+    trip = load_triplets(recipe.triplets)
+    if trip.skipped:
+        log(f"skipped {trip.skipped} unusable triplets ({recipe.triplets.on_error=})")
+    if trip.filtered_out:
+        log(f"{trip.filtered_out} triplets left out by the filters {recipe.triplets.where}")
+    if len(trip) == 0:
+        raise ConfigError("no triplets left to train on")
+    t0 = time.time()
+    data = _TripletFeatures(recipe, model, trip, rank)
+    feat_seconds = time.time() - t0
+    # 4. Train the composer.
+    negatives = _MinedNegatives(recipe, model, data, out, resume) if recipe.hard_negatives.kind == "mined" else None
+    loss_fn = _Stage2Loss(recipe, model, data, negatives)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.compose.mode == "full":
+        params = list({id(p): p for p in params + model.composer.text_params}.values())
+    holder = torch.nn.ModuleDict({"mapping": model.mapping, "composer": model.composer})
+    if recipe.compose.mode == "full":
+        holder["text"] = model.clip.clip
+    last = fit(holder, params, len(trip), loss_fn, recipe.train, out, resume=resume,
+               on_epoch_start=negatives.mine if negatives else None, log=log,
+               train_mode=_TrainMode(model, recipe.freeze_mapping))
+    result = {"train": last, "triplets": len(trip), "skipped": trip.skipped, "filtered_out": trip.filtered_out,
+              "feature_seconds": round(feat_seconds, 2), "images_encoded": data.cache.computed}
+    # 5. Save.
+    if not last.get("stopped") and rank == 0:
+        model.save(out, {"stage": 2, "recipe_hash": rhash, "stage1": str(stage1), "triplets": len(trip)})
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _claim_run_folder(recipe: Stage2Recipe, stage1: Path, out: Path, resume: bool, rank: int) -> str:
     ident = to_dict(recipe)
     ident["train"].pop("stop_after")
-    ident["stage1"] = json.loads((Path(stage1) / "model.json").read_text()) if (Path(stage1) / "model.json").exists() else None
-    if ident["stage1"] is None:
+    meta = stage1 / "model.json"
+    if not meta.exists():
         raise ConfigError(f"{stage1}: not a stage-I run (no model.json)")
+    ident["stage1"] = json.loads(meta.read_text())
     rhash = stable_hash(ident)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -76,82 +152,138 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
         if resume and prev.exists() and json.loads(prev.read_text())["hash"] != rhash:
             raise ConfigError(f"{out}: --resume with a different recipe or stage-I run; use a new --out")
         prev.write_text(json.dumps({"hash": rhash, "recipe": to_dict(recipe), "stage1": str(stage1)}, indent=2))
-    torch.manual_seed(recipe.train.seed)
-    base = load_run(stage1).model
-    model: CIRModel = base
-    model.add_composer(recipe.compose)
-    clip = model.clip
-    if recipe.compose.mode == "full":
-        for p in model.composer.text_params:
-            p.requires_grad_(True)
-    model.mapping.requires_grad_(not recipe.freeze_mapping)
-    trip = load_triplets(recipe.triplets)
-    if trip.skipped:
-        log(f"skipped {trip.skipped} unusable triplets ({recipe.triplets.on_error=})")
-    if trip.filtered_out:
-        log(f"{trip.filtered_out} triplets left out by the filters {recipe.triplets.where}")
-    n = len(trip)
-    if n == 0:
-        raise ConfigError("no triplets left to train on")
-    cache = FeatureCache(clip, recipe.cache_dir)
-    gallery_ids = [f"{t}:ref" for t in trip.ids] + [f"{t}:tgt" for t in trip.ids]
-    t0 = time.time()
-    feats = cache.image_features(trip.dataset_id, 2 * n,
-                                 lambda i: trip.image(i % n, "ref" if i < n else "tgt"), gallery_ids,
-                                 patches=model.uses_patches, progress=rank == 0)
-    feat_seconds = time.time() - t0
-    G = torch.from_numpy(feats.global_.copy())                  # [2N, D] normalised, frozen
-    prompts = [_prompt(recipe.prompt, m) for m in trip.modification]
-    hn = recipe.hard_negatives
-    negatives = {"idx": None}
-    scale = clip.logit_scale
+    return rhash
+
+
+class _TrainMode:
+    """Put only the trained modules in train mode: frozen ones (CLIP, and the stage-I mapping
+    with its dropout and BatchNorm) stay in eval mode, so they compute what stage I saved."""
+
+    def __init__(self, model: CIRModel, freeze_mapping: bool):
+        self.model, self.freeze_mapping = model, freeze_mapping
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        module.train()
+        if self.freeze_mapping:
+            self.model.mapping.eval()
+        if self.model.composer is None or self.model.composer.cfg.mode != "full":
+            self.model.clip.clip.eval()
+
+
+class _TripletFeatures:
+    """Frozen features: rows 0..N-1 the references, N..2N-1 the targets (global normalised,
+    references with visual tokens when the model has VSI), plus reference caption features."""
+
+    def __init__(self, recipe: Stage2Recipe, model: CIRModel, trip, rank: int):
+        n = len(trip)
+        self.n, self.trip = n, trip
+        self.cache = FeatureCache(model.clip, recipe.cache_dir)
+        ids = [f"{t}:ref" for t in trip.ids] + [f"{t}:tgt" for t in trip.ids]
+        self.feats = self.cache.image_features(trip.dataset_id, 2 * n,
+                                               lambda i: trip.image(i % n, "ref" if i < n else "tgt"), ids,
+                                               patches=model.uses_patches, progress=rank == 0)
+        self.G = torch.from_numpy(self.feats.global_.copy())                    # [2N, D]
+        self.prompts = [fill_template(recipe.prompt, m) for m in trip.modification]
+        self.where = list(trip.where)
+        self.captions = None
+        if recipe.loss.soft_weight:
+            caps = getattr(trip, "reference_caption", None)
+            if not caps or any(c is None for c in caps):
+                raise ConfigError(f"{recipe.triplets.path}: these triplets have no reference captions for the "
+                                  "soft text alignment term; set loss.soft_weight=0")
+            self.captions = torch.from_numpy(self.cache.text_features(trip.dataset_id, list(caps)))
+
+    def references(self, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.feats.tensors(idx)
+
+    def targets(self, idx) -> torch.Tensor:
+        return self.G[self.n + torch.as_tensor(idx)]
+
+
+class _MinedNegatives:
+    """cirgen's first design: at the start of each epoch, per query the reference image and the
+    top-K training images under the current model (near-duplicates of the target excluded).
+    Each epoch's choice is saved in `OUT/checkpoints/negatives-eNNNN.pt` before training on it,
+    and a resumed run reads it back instead of mining with mid-epoch weights (bitwise resume)."""
+
+    def __init__(self, recipe: Stage2Recipe, model: CIRModel, data: _TripletFeatures, out: Path, resume: bool):
+        self.cfg, self.model, self.data = recipe.hard_negatives, model, data
+        self.folder = out / "checkpoints"
+        self.idx: torch.Tensor | None = None
+        if not resume:
+            for old in self.folder.glob("negatives-e*.pt"):
+                old.unlink()
+
+    def _path(self, epoch: int) -> Path:
+        return self.folder / f"negatives-e{epoch:04d}.pt"
 
     @torch.no_grad()
-    def mine(epoch: int) -> dict:
-        if not hn.enabled:
+    def mine(self, epoch: int) -> dict:
+        from datagen.store import write_atomic
+
+        path = self._path(epoch)
+        if path.exists():
+            self.idx = torch.load(path, weights_only=True)
             return {}
-        model.eval()
+        cfg, data, n = self.cfg, self.data, self.data.n
+        self.model.eval()
         t = time.time()
         qs = []
         for s in range(0, n, 256):
-            g, p = feats.tensors(slice(s, min(n, s + 256)))
-            qs.append(model.encode_query(g, p, prompts[s:s + 256]))
-        Q = torch.cat(qs)
-        idx = torch.zeros(n, hn.k + int(hn.include_reference), dtype=torch.long)
+            g, p = data.references(slice(s, min(n, s + 256)))
+            qs.append(self.model.encode_query(g, p, data.prompts[s:s + 256], where=data.where[s:s + 256]))
+        Q, G = torch.cat(qs), data.G
+        idx = torch.zeros(n, cfg.k + int(cfg.include_reference), dtype=torch.long)
         excluded = 0
         for s in range(0, n, 1024):
             e = min(n, s + 1024)
-            sims = Q[s:e] @ G.T
             rows = torch.arange(s, e)
-            sims[torch.arange(e - s), n + rows] = -2                 # the target itself
-            near = (G[n + rows] @ G.T) >= hn.exclude_threshold       # near-duplicates of the target
+            sims = Q[s:e] @ G.T
+            sims[torch.arange(e - s), n + rows] = -2                  # the target itself
+            near = (G[n + rows] @ G.T) >= cfg.exclude_threshold       # near-duplicates of the target
             excluded += int(near.sum()) - (e - s)
             sims[near] = -2
-            if hn.include_reference:
+            if cfg.include_reference:
                 ref_ok = ~near[torch.arange(e - s), rows]
                 sims[torch.arange(e - s), rows] = torch.where(ref_ok, torch.tensor(3.0), torch.tensor(-2.0))
             idx[s:e] = sims.topk(idx.shape[1], dim=1).indices
-        negatives["idx"] = idx
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(idx, buf)
+        write_atomic(path, buf.getvalue())
+        self.idx = idx
         return {"mined_seconds": round(time.time() - t, 2), "false_negatives_excluded": excluded}
 
-    def loss_fn(batch: np.ndarray):
-        b = torch.as_tensor(batch)
-        g, p = feats.tensors(batch)
-        q = model.encode_query(g, p, [prompts[i] for i in batch])
-        tgt = G[n + b]
-        neg = G[negatives["idx"][b]] if negatives["idx"] is not None else None
-        return hard_negative_infonce(q, tgt, neg, scale), {}
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if recipe.compose.mode == "full":
-        params = list({id(p): p for p in params + model.composer.text_params}.values())
-    holder = torch.nn.ModuleDict({"mapping": model.mapping, "composer": model.composer})
-    if recipe.compose.mode == "full":
-        holder["text"] = clip.clip
-    last = fit(holder, params, n, loss_fn, recipe.train, out, resume=resume, on_epoch_start=mine, log=log)
-    result = {"train": last, "triplets": n, "skipped": trip.skipped, "filtered_out": trip.filtered_out,
-              "feature_seconds": round(feat_seconds, 2), "images_encoded": cache.computed}
-    if not last.get("stopped") and rank == 0:
-        model.save(out, {"stage": 2, "recipe_hash": rhash, "stage1": str(stage1), "triplets": n})
-        (out / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+class _Stage2Loss:
+    """loss(batch of triplet indices) -> (scalar, metrics); see the module docstring."""
+
+    def __init__(self, recipe: Stage2Recipe, model: CIRModel, data: _TripletFeatures,
+                 negatives: _MinedNegatives | None):
+        self.recipe, self.model, self.data, self.negatives = recipe, model, data, negatives
+        t = recipe.loss.temperature
+        self.scale = model.clip.logit_scale if t is None else 1.0 / t
+
+    def __call__(self, batch: np.ndarray):
+        r, data = self.recipe, self.data
+        hn, lw = r.hard_negatives, r.loss
+        g, p = data.references(batch)
+        tgt = data.targets(batch)
+        with_map = bool(lw.map_weight or lw.soft_weight)
+        prompts = [data.prompts[i] for i in batch] + ([lw.map_prompt] * len(batch) if with_map else [])
+        where = [data.where[i] for i in batch] + ([lw.map_prompt] * len(batch) if with_map else [])
+        two = (lambda x: None if x is None else torch.cat([x, x])) if with_map else (lambda x: x)
+        out = self.model.encode_query(two(g), two(p), prompts, where=where)      # one text pass
+        q, m = out[:len(batch)], out[len(batch):]
+        if hn.kind == "mined":
+            neg = data.G[self.negatives.idx[torch.as_tensor(batch)]]
+            terms = {"loss_composed": hard_negative_infonce(q, tgt, neg, self.scale)}
+        else:
+            k = hn.k if hn.kind == "mixed" else 0
+            terms = {"loss_composed": composed_contrastive(q, tgt, self.scale, k, hn.scaled)}
+        if lw.map_weight:
+            terms["loss_map"] = lw.map_weight * contrastive(m, g, self.scale)
+        if lw.soft_weight:
+            caps = data.captions[torch.as_tensor(batch)]
+            terms["loss_soft"] = lw.soft_weight * soft_text_alignment(caps, m, tgt, self.scale)
+        return sum(terms.values()), {k: v.detach() for k, v in terms.items()}

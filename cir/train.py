@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,8 +30,11 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 5
     batch_size: int = 256             # global batch (split across DDP ranks)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    lr: float = 1e-4                  # TSCIR (`src/params.py`): 1e-4
+    weight_decay: float = 0.1         # TSCIR: 0.1, not applied to norms and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])   # AdamW (TSCIR / CLIP)
+    eps: float = 1e-6
+    decay_norms_and_biases: bool = False   # true: weight decay on every parameter (cirgen's first design)
     warmup_steps: int = 50
     grad_clip: float = 1.0
     amp: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -48,6 +50,8 @@ class TrainConfig:
             raise ValueError("batch_size and epochs must be >= 1")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise ValueError("amp must be auto, bf16 or fp32")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas: expected two numbers, got {self.betas}")
 
 
 def dist_info() -> tuple[int, int]:
@@ -76,20 +80,38 @@ def _lr(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with TSCIR's settings (`src/main.py`): betas, eps and weight decay from `cfg`; tensors
+    with fewer than 2 dimensions (biases, LayerNorm/BatchNorm gains) get no decay unless
+    `decay_norms_and_biases`."""
+    betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.decay_norms_and_biases:
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=betas, eps=cfg.eps)
+
+
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold to continue bitwise: the trainable parameters and every
+    persistent buffer (BatchNorm running statistics change while training too)."""
     names = {id(p) for p in module.parameters() if p.requires_grad}
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict(keep_vars=True).items()
-            if id(v) in names}
+            if id(v) in names or not isinstance(v, torch.nn.Parameter)}
 
 
 def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
         loss_fn: Callable[[np.ndarray], tuple[torch.Tensor, dict]], cfg: TrainConfig, out: str | Path,
         resume: bool = False, on_epoch_start: Callable[[int], dict | None] | None = None,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print,
+        train_mode: Callable[[torch.nn.Module], None] | None = None) -> dict:
     """Train `params` (inside `module`, whose trainable state is checkpointed) for cfg.epochs.
 
     loss_fn(indices) -> (loss, metrics) for this rank's share of a global batch of dataset indices.
-    on_epoch_start(epoch) runs before each epoch (e.g. hard-negative mining) and may return metrics.
+    on_epoch_start(epoch) runs before each epoch (e.g. hard-negative mining) and may return metrics;
+    on a resume it runs again for the resumed epoch, so it must give what it gave the first time.
+    train_mode(module) sets train/eval modes before each step (default: `module.train()`).
     """
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
@@ -107,7 +129,7 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
     if steps_per_epoch == 0:
         raise ValueError(f"{n_items} items is less than one batch of {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     step = 0
     torch.manual_seed(cfg.seed * 1000 + rank)
     state_path = ck / "state.pt"
@@ -125,6 +147,8 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
     device = params[0].device
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        _cut_metrics(metrics_path, step)
     mf = open(metrics_path, "a") if rank == 0 else None
     tb = None
     if cfg.tensorboard and rank == 0:
@@ -140,12 +164,12 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n_items)
         extra = (on_epoch_start(epoch) or {}) if on_epoch_start else {}
         if extra and mf:
-            mf.write(json.dumps({"epoch": epoch, **extra}) + "\n")
+            mf.write(json.dumps({"epoch": epoch, "step": step, **extra}) + "\n")
         for b in range(step % steps_per_epoch, steps_per_epoch):
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * per_rank:(rank + 1) * per_rank]
             for g in opt.param_groups:
                 g["lr"] = _lr(step, total, cfg)
-            module.train()
+            (train_mode or torch.nn.Module.train)(module)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, metrics = loss_fn(batch)
             opt.zero_grad(set_to_none=True)
@@ -186,6 +210,24 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
     return last
 
 
+def _cut_metrics(path: Path, step: int) -> None:
+    """Keep only the metrics lines of steps <= `step` (the checkpoint a run starts from), so a
+    resumed run does not log the replayed steps twice; a torn last line (a kill mid-write) goes too."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    from datagen.store import write_atomic
+
+    write_atomic(path, "".join(l + "\n" for l in keep).encode())
+
+
 def _checkpoint(module, opt, step, ck: Path, rank: int, world: int, save_file) -> None:
     rng = torch.get_rng_state()
     if world > 1:
@@ -201,9 +243,3 @@ def _checkpoint(module, opt, step, ck: Path, rank: int, world: int, save_file) -
     for old in ck.glob("step-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -50,6 +50,7 @@ class Triplets:
     dataset_id: str
     skipped: int = 0
     filtered_out: int = 0
+    reference_caption: list[str | None] | None = None   # for stage II's soft text alignment
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -125,7 +126,7 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
     pick = _subsample(len(kept), cfg.max_triplets, cfg.subsample_seed)
     sel = [kept[i] for i in pick]
     skipped = 0
-    ids, refs, tgts, mods, wh = [], [], [], [], []
+    ids, refs, tgts, mods, wh, caps = [], [], [], [], [], []
     for i in sel:
         r = rows[i]
         ref, tgt = (r.get("reference_image") or {}).get("bytes"), (r.get("target_image") or {}).get("bytes")
@@ -147,10 +148,11 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
         refs.append(ref)
         tgts.append(tgt)
         mods.append(r["modification_text"].strip())
+        caps.append(r.get("source_caption"))
         wh.append(where[i])
     run = reader.run
     did = stable_hash({"recipe": run.get("recipe_hash"), "seed": run.get("seed"), "ids": ids})
-    return Triplets(ids, refs, tgts, mods, wh, f"triplets-{did}", skipped, filtered_out)
+    return Triplets(ids, refs, tgts, mods, wh, f"triplets-{did}", skipped, filtered_out, caps)
 
 
 def _load_json(cfg: TripletsConfig) -> Triplets:
@@ -162,7 +164,7 @@ def _load_json(cfg: TripletsConfig) -> Triplets:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     entries = list(data.values()) if isinstance(data, dict) else data
     keys = list(data.keys()) if isinstance(data, dict) else [str(i) for i in range(len(data))]
-    ids, refs, tgts, mods, wh = [], [], [], [], []
+    ids, refs, tgts, mods, wh, caps = [], [], [], [], [], []
     skipped = 0
 
     def resolve(name: str) -> Path | None:

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cir.clip import PLACEHOLDER_ID, CIRClip, inject_pseudo_tokens
+from cir.clip import CIRClip, inject_pseudo_tokens
 from cir.mapping import MappingConfig
 from cir.model import CIRModel
+from cir.prompts import PromptError, QueryPrompt
 
 PROMPTS = ["a photo of $ that is red and large", "hello world", "a small red circle at the top left on a "
            "white background and a large blue star in the center", "$"]
@@ -39,15 +40,18 @@ def test_plain_text_path_equals_open_clip(name, shapes_clip):
 
 def test_placeholder_embedding_as_pseudo_token_reproduces_encode_text(shapes_clip):
     clip = shapes_clip
-    toks = clip.tokenize(PROMPTS)
-    assert (toks == PLACEHOLDER_ID).sum() == 2
-    own = clip.clip.token_embedding.weight[PLACEHOLDER_ID].detach()
+    prompts = ["a photo of * that is red and large", "* on white", "a photo of *"]
+    toks, ph = clip.tokenize_queries(prompts)
+    assert torch.equal(toks, clip.tokenize(prompts))        # same ids as open_clip's tokenizer here
+    star = toks[0, ph[0]].item()
+    own = clip.clip.token_embedding.weight[star].detach()
     with torch.no_grad():
-        a = clip.encode_text(toks, pseudo=own.expand(len(PROMPTS), 1, -1), truncate=False)
+        a = clip.encode_text(toks, pseudo=own.expand(len(prompts), 1, -1), placeholder_index=ph, truncate=False)
         b = clip.clip.encode_text(toks)
-        c = clip.encode_text(toks, pseudo=torch.randn(len(PROMPTS), 1, own.shape[0]), truncate=False)
+        c = clip.encode_text(toks, pseudo=torch.randn(len(prompts), 1, own.shape[0]), placeholder_index=ph,
+                             truncate=False)
     assert torch.equal(a, b)
-    assert not torch.allclose(c[0], b[0]) and torch.equal(c[1], b[1])  # row 1 has no `$`
+    assert not torch.allclose(c[0], b[0])
 
 
 def test_several_pseudo_tokens_fill_placeholders_in_order():
@@ -59,17 +63,17 @@ def test_several_pseudo_tokens_fill_placeholders_in_order():
 
 
 def test_placeholder_lost_to_truncation_is_an_error(shapes_clip):
-    long = "word " * 80 + "$"
-    with pytest.raises(ValueError, match="lost its `\\$` placeholder"):
-        shapes_clip.tokenize([long], require_placeholder=True)
+    long = QueryPrompt("word " * 80, "")
+    with pytest.raises(PromptError, match="outside the 64-token text context"):
+        shapes_clip.tokenize_queries([long])
 
 
-def test_vsi_with_zero_gates_equals_the_plain_pseudo_token_encoder(shapes_clip):
+def test_gated_vsi_with_zero_gates_equals_the_plain_pseudo_token_encoder(shapes_clip):
     torch.manual_seed(0)
-    m = CIRModel(shapes_clip, MappingConfig(vsi=True, dropout=0.0)).eval()
+    m = CIRModel(shapes_clip, MappingConfig(vsi="gated", vsi_layers="all", dropout=0.0)).eval()
     g = torch.nn.functional.normalize(torch.randn(3, shapes_clip.embed_dim), dim=-1)
     p = torch.randn(3, 64, shapes_clip.vision_width)
-    prompts = ["a photo of $", "a photo of $ that is blue", "$ on white"]
+    prompts = ["a photo of *", "a photo of * that is blue", "* on white"]
     with torch.no_grad():
         with_vsi = m.encode_query(g, p, prompts)
         vsi, m.mapping.vsi = m.mapping.vsi, None
@@ -105,7 +109,8 @@ def test_stage1_resume_is_bitwise_identical_and_features_are_cached(tmp_path):
     r = _stage1(tmp_path, full)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((full / "result.json").read_text())
-    assert res["images_encoded"] == 320 and "pseudo_r1" in res["eval"]
+    # 2 reference + 2 target augmented views of each of the 320 images, encoded once.
+    assert res["images_encoded"] == 4 * 320 and "pseudo_r1" in res["eval"]
     r = _stage1(tmp_path, cut, "train.stop_after=3")
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (cut / "model.safetensors").exists()
