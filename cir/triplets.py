@@ -34,6 +34,7 @@ error naming the file and row, or a counted skip (`on_error="skip"`). A path tak
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import operator
@@ -440,7 +441,7 @@ def _synth_image_field(ext: str) -> str | None:
 def _synth_sources(path_text: str) -> tuple[list[Path], Path | None]:
     """(tar shards, extracted folder): exactly one of them is used."""
     if any(c in path_text for c in "*?["):
-        tars = sorted(Path().glob(path_text))
+        tars = sorted(Path(p) for p in glob.glob(path_text))     # absolute or relative patterns
         if not tars:
             raise DataError(f"{path_text}: no file matches")
         return tars, None
