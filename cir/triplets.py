@@ -250,7 +250,7 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
         else:
             rows, r0 = [], 0
             try:
-                for batch in pf.iter_batches(batch_size=8192, columns=cond_cols):
+                for batch in pf.iter_batches(batch_size=8192, columns=cond_cols, use_threads=False):
                     cols = batch.to_pydict()
                     for k in range(batch.num_rows):
                         try:
@@ -280,7 +280,12 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
             if not len(local):
                 continue
             try:
-                recs = pf.read_row_group(g, columns=list(_CIRGEN_COLUMNS)).take(local).to_pylist()
+                part = pf.read_row_group(g, columns=list(_CIRGEN_COLUMNS), use_threads=False)
+                if 4 * len(local) >= part.num_rows:      # most of the group: convert it once
+                    every = part.to_pylist()
+                    recs = [every[i] for i in local]
+                else:   # zero-copy slices, not Table.take: take loads the compute kernels (~40 MB resident)
+                    recs = [part.slice(int(i), 1).to_pylist()[0] for i in local]
             except (pa.ArrowInvalid, OSError) as e:
                 raise DatasetError(f"{path}: unreadable shard ({e})") from None
             for r, rec in zip(local + starts[g], recs):
