@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parent / "bench"
     ("bench_browse.py", []),
     ("bench_stage1.py", ["cached", "recompute", "speedup_cached_vs_recompute"]),
     ("bench_stage2.py", ["results", "target_ratio_full_vs_bare"]),
+    ("bench_load_triplets.py", ["peak_rss_mb", "above_imports_mb", "rss_ratio_all_vs_subsample"]),
 ])
 def test_bench_quick_mode_writes_json(tmp_path, script, keys):
     out = tmp_path / "b.json"
