@@ -4,7 +4,7 @@ A dataset is a folder:
 
     run.json             resolved recipe, seed, target size, package versions, recipe hash
     shards/NNNNNN.parquet  kept triplets of work unit NNNNNN (HF `Image()` columns)
-    rejects/NNNNNN.parquet candidates of that unit the filters rejected (same columns)
+    rejects/NNNNNN.parquet candidates of that unit the filters rejected (same columns; absent if none)
     stats.json           counts, pass rates, failure labels, seconds per stage
     README.md            dataset card
 
