@@ -46,6 +46,7 @@ def iter_units(n: int, unit_size: int) -> Iterator[tuple[int, int]]:
 
 @dataclass
 class Plan:
+    """The work of one run: the dataset's size and unit size, and the units still to run."""
     n: int
     unit_size: int
     todo: list[tuple[int, int]]       # the units still to run
@@ -55,10 +56,6 @@ class Plan:
     @property
     def num_units(self) -> int:
         return (self.n + self.unit_size - 1) // self.unit_size
-
-    @property
-    def units(self) -> Iterator[tuple[int, int]]:
-        return iter_units(self.n, self.unit_size)
 
 
 def plan(out: Path, n: int, unit_size: int, seed: int | None = None, recipe_hash: str | None = None) -> Plan:
