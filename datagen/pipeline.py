@@ -4,6 +4,9 @@ A run of `n` triplets is `ceil(n / unit_size)` work units; unit u holds kept tri
 `[u*unit_size, min(n, (u+1)*unit_size))` and draws its candidates from its own seeded stream, so
 units can run in any order, on any number of processes, and a rerun skips the units whose shard
 is complete. A larger `n` adds units (and completes a partial last unit with the same records).
+
+Several processes may work on one folder at once (`--shard I/N`, or Ray actors): each writes only
+whole files by atomic rename, and a unit's files are the same whoever writes them.
 """
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ import json
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .base.errors import CirgenError
 from .candidate import Candidate, candidate_seed
@@ -24,8 +27,9 @@ from .filters import build_filters
 from .images import build_images
 from .recipe import GenRecipe
 from .schema import STAGES, build_schema
-from .store import (aggregate_stats, clean_temp_files, open_dataset, shard_path, to_table, unit_done,
-                    write_atomic, write_card, write_table)
+from .store import (aggregate_stats, check_overwrite, check_request, check_unit, clean_temp_files,
+                    open_dataset, probe_writable, read_run_json, remove_file, set_target, shard_path,
+                    to_table, write_atomic, write_card, write_table)
 
 MAX_CANDIDATES_PER_KEPT = 50  # give up on a unit whose filters reject (almost) everything
 
@@ -34,19 +38,38 @@ class PipelineError(CirgenError, RuntimeError):
     pass
 
 
+def iter_units(n: int, unit_size: int) -> Iterator[tuple[int, int]]:
+    """(unit, kept count) of every unit of an `n`-triplet dataset, in order, without a list."""
+    for u in range((n + unit_size - 1) // unit_size):
+        yield u, min(unit_size, n - u * unit_size)
+
+
 @dataclass
 class Plan:
-    units: list[tuple[int, int]]      # (unit, kept count) of every unit of the dataset
+    """The work of one run: the dataset's size and unit size, and the units still to run."""
+    n: int
+    unit_size: int
     todo: list[tuple[int, int]]       # the units still to run
+    damaged: list[str] = field(default_factory=list)       # one line per damaged file (unit redone)
+    empty_rejects: list[Path] = field(default_factory=list)  # 0-row rejects files of older cirgen
+
+    @property
+    def num_units(self) -> int:
+        return (self.n + self.unit_size - 1) // self.unit_size
 
 
-def plan_units(n: int, unit_size: int) -> list[tuple[int, int]]:
-    return [(u, min(unit_size, n - u * unit_size)) for u in range((n + unit_size - 1) // unit_size)]
-
-
-def plan(out: Path, n: int, unit_size: int) -> Plan:
-    units = plan_units(n, unit_size)
-    return Plan(units, [(u, c) for u, c in units if not unit_done(out, u, c)])
+def plan(out: Path, n: int, unit_size: int, seed: int | None = None, recipe_hash: str | None = None) -> Plan:
+    """Which units of an `n`-triplet dataset still need running (see `store.check_unit`)."""
+    p = Plan(n, unit_size, [])
+    for u, c in iter_units(n, unit_size):
+        st = check_unit(out, u, c, seed, recipe_hash)
+        if not st.done:
+            p.todo.append((u, c))
+            if st.problem:
+                p.damaged.append(st.problem)
+        elif st.empty_rejects is not None:
+            p.empty_rejects.append(st.empty_rejects)
+    return p
 
 
 class Stages:
@@ -119,7 +142,8 @@ def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
         stages.run(batch)
         for c in batch:
             (kept if c.kept else rejected).append(c)
-    stats = {"unit": unit, "kept": len(kept), "generated": j, "rejected": {}, "failures_kept": {},
+    stats = {"unit": unit, "seed": seed, "recipe_hash": recipe.hash(), "kept": len(kept), "generated": j,
+             "rejected": {}, "failures_kept": {},
              "failures_generated": {}, "edit_types": {}, "passes": {},
              "seconds": {s: sum(c.seconds.get(s, 0.0) for c in kept + rejected) for s in STAGES}}
     for c in kept + rejected:
@@ -135,8 +159,14 @@ def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
         stats["edit_types"][c.edit_type] = stats["edit_types"].get(c.edit_type, 0) + 1
     schema = stages.schema
     quality = recipe.quality.tier
-    write_table(to_table(rejected, schema, recipe.pipeline.unit_size, quality, False),
-                shard_path(out, unit, rejects=True), stats)
+    check_overwrite(out, unit, count)
+    # Rejects first, then the shard that marks the unit done. A unit without rejects writes no
+    # rejects file: 0-row parquet files break readers such as `datasets.load_dataset`.
+    if rejected:
+        write_table(to_table(rejected, schema, recipe.pipeline.unit_size, quality, False),
+                    shard_path(out, unit, rejects=True), stats)
+    else:
+        remove_file(shard_path(out, unit, rejects=True))
     write_table(to_table(kept, schema, recipe.pipeline.unit_size, quality, True), shard_path(out, unit), stats)
     return stats
 
@@ -166,6 +196,7 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
     `ray_address`: run the work units on Ray ("local" starts a local instance); see ray_runner."""
     out = Path(out)
     seed = recipe.seed if seed is None else seed
+    check_request(recipe, seed, n)      # before anything is written
     if recipe.images.backend == "shapes":
         from .images import ShapesImages
 
@@ -174,33 +205,67 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
     removed = clean_temp_files(out)
     if removed:
         log(f"removed {removed} temp file(s) left by an interrupted run")
-    p = plan(out, n, recipe.pipeline.unit_size)
+    us = recipe.pipeline.unit_size
+    p = plan(out, n, us, seed, run["recipe_hash"])
+    for line in p.damaged:
+        log(f"{line}; its unit is regenerated")
     todo = p.todo
     if shard is not None:
         i, k = shard
         todo = [t for t in todo if t[0] % k == i]
+    if todo or n != run["n"]:
+        # Only once the run can write its files does the folder's target change (an extension
+        # into a read-only or full folder leaves run.json as it was).
+        probe_writable(out)
+        run = set_target(out, recipe, seed, n)
+    _drop_empty_rejects(p.empty_rejects, log)
     t0 = time.time()
     if todo:
-        total = sum(c for _, c in p.units)
+        total = n
         done_before = total - sum(c for _, c in p.todo)
         if ray_address is None:
             workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
             workers = max(1, min(workers, len(todo)))
-            log(f"{out}: {len(todo)} of {len(p.units)} work units to run "
+            log(f"{out}: {len(todo)} of {p.num_units} work units to run "
                 f"({done_before} triplets already there), {workers} worker(s)")
         else:
             workers = workers or recipe.pipeline.workers or None     # None: Ray sizes the actor pool
         _run_units(recipe, seed, out, todo, workers, progress, total, done_before, ray_address, log)
     else:
-        log(f"{out}: all {len(p.units)} work units are complete; nothing to do")
-    if shard is not None and any(not unit_done(out, u, c) for u, c in p.units):
+        log(f"{out}: all {p.num_units} work units are complete; nothing to do")
+    left = plan(out, n, us).todo
+    if shard is not None and left:
         log(f"shard {shard[0]}/{shard[1]} done; stats are written when every unit is complete")
         return {}
-    stats = aggregate_stats(out, [u for u, _ in p.units])
+    if left:
+        raise PipelineError(f"{out}: {len(left)} work unit(s) are not complete after this run (first: "
+                            f"{shard_path(out, left[0][0])}); another process may be writing into "
+                            f"this folder; rerun the same command")
+    if read_run_json(out / "run.json")["n"] != n:
+        log(f"{out}: another run changed the target meanwhile; that run writes stats.json")
+        return {}
+    stats = aggregate_stats(out, list(range(p.num_units)))
     write_atomic(out / "stats.json", (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
     write_card(out, run, stats)
     stats["wall_seconds"] = round(time.time() - t0, 3)
     return stats
+
+
+def _drop_empty_rejects(paths: list[Path], log: Callable[[str], None]) -> None:
+    """Remove 0-row rejects files an older cirgen wrote for units without rejects: they hold no
+    rows (their unit's statistics are in its shard) and `datasets.load_dataset` cannot read them.
+    Best effort: a read-only dataset keeps them."""
+    removed = 0
+    for path in paths:
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError:
+            break
+    if removed:
+        log(f"removed {removed} empty rejects file(s) (0-row parquet files break datasets.load_dataset)")
 
 
 def _run_units(recipe, seed, out, todo, workers, progress, total, done_before, ray_address, log) -> None:

@@ -4,7 +4,7 @@ A dataset is a folder:
 
     run.json             resolved recipe, seed, target size, package versions, recipe hash
     shards/NNNNNN.parquet  kept triplets of work unit NNNNNN (HF `Image()` columns)
-    rejects/NNNNNN.parquet candidates of that unit the filters rejected (same columns)
+    rejects/NNNNNN.parquet candidates of that unit the filters rejected (same columns; absent if none)
     stats.json           counts, pass rates, failure labels, seconds per stage
     README.md            dataset card
 
@@ -76,12 +76,9 @@ class TripletReader:
         run = self.root / "run.json"
         if not run.exists():
             raise DatasetError(f"{self.root}: not a triplet dataset (no run.json)")
-        try:
-            self.run = json.loads(run.read_text())
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{run}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        if self.run.get("format") != FORMAT:
-            raise DatasetError(f"{run}: format is {self.run.get('format')!r}, expected {FORMAT!r}")
+        from .store import read_run_json   # checks every field; DatasetError naming run.json
+
+        self.run = read_run_json(run)
 
     def shard_paths(self, rejects: bool = False) -> list[Path]:
         return sorted((self.root / ("rejects" if rejects else "shards")).glob("*.parquet"))

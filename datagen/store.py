@@ -1,43 +1,289 @@
 """Writing the dataset folder: run.json, atomic shard writes, stats.json and the dataset card.
 
-Every file is written to a temporary name and renamed into place, so a killed run leaves either
-the old file or the new one, never half of one; files whose content would not change are not
-touched (a rerun with nothing to do changes no file).
+Every file is written to a temporary name and renamed into place (`write_atomic`, fsync'ed), so a
+killed run leaves either the old file or the new one, never half of one; files whose content would
+not change are not touched (a rerun with nothing to do changes no file).
+
+Crash and concurrency rules this module keeps:
+- a new folder gets `run.json` before anything else, so a folder killed while being set up holds
+  only cirgen leftovers (a temp file, empty `shards/`/`rejects/`), which the same command accepts;
+- run.json is read through `read_run_json`, which checks every field and names the file and field;
+- a unit counts as done only when its shard's footer, row count, origin (seed, recipe hash) and
+  its rejects file agree (`check_unit`); a damaged unit is reported by file name and redone;
+- temp files carry host, PID and a random token; a starting run removes only those of dead
+  processes (or stale ones), so `--shard` processes writing into one folder keep cooperating;
+- an OS error (disk full, read-only folder) becomes one `MachineError` line naming the file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import re
+import secrets
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base.errors import CirgenError
+from .base.errors import CirgenError, MachineError, os_error_line
 from .candidate import Candidate
 from .recipe import GenRecipe
-from .schema import FORMAT, SCHEMA_VERSION, STAGES
+from .schema import FORMAT, SCHEMA_VERSION, STAGES, DatasetError
 
 ROW_GROUP = 100  # rows per parquet row group: readers stream ~100 image pairs at a time
+# Shard files and candidate ids name a unit with six digits, so that name order is unit order.
+MAX_UNITS = 1_000_000
+# A temp file lives for one write (seconds); one older than this is a leftover whatever its PID
+# says (PIDs are reused, e.g. after a container restart, and other hosts' PIDs cannot be checked).
+STALE_TEMP_SECONDS = 3600
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
 
 
 class StoreError(CirgenError, ValueError):
     """The output folder cannot be used; nothing in it was changed."""
 
 
-def write_atomic(path: Path, data: bytes) -> bool:
-    """Write `data` to `path` via a temp file + rename; skip (return False) if already identical."""
-    if path.exists() and path.read_bytes() == data:
+def machine_error(e: OSError, path: Path | str) -> MachineError:
+    """One-line `MachineError` for an OSError while writing `path` (what to do when it is space)."""
+    hint = ("; free some space and rerun the same command to continue"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    return MachineError(os_error_line(e, path) + hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Temp files and atomic writes
+
+def temp_path(path: Path) -> Path:
+    """A fresh temp name beside `path`: `.NAME~HOST~PID~TOKEN.tmp` (owner recognisable, unique)."""
+    return path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{secrets.token_hex(4)}.tmp")
+
+
+def _temp_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a cirgen temp file name, or None when the name is not one of ours.
+    Also reads the older form `.NAME.PID.tmp` (this host)."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    stem = name[1:-4]
+    parts = stem.rsplit("~", 3)
+    if len(parts) == 4 and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    m = re.fullmatch(r".+\.(\d+)", stem)
+    return (_HOST, int(m[1])) if m else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
         return False
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # EPERM: alive, someone else's
+        return True
     return True
+
+
+def write_atomic(path: Path, data: bytes | memoryview | pa.Buffer) -> bool:
+    """Write `data` to `path` via a fsync'ed temp file + rename; skip (return False) if the file
+    already holds exactly `data`. An OSError (disk full, read-only folder) removes the temp file
+    and raises `MachineError` naming `path`; the old file, if any, is untouched."""
+    data = memoryview(data)
+    try:
+        if path.is_file() and path.stat().st_size == data.nbytes and path.read_bytes() == data:
+            return False
+    except OSError:
+        pass                 # unreadable old file: replace it
+    tmp = temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(fd, "wb", closefd=True) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise machine_error(e, path) from None
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every file system lets a folder be fsync'ed)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_temp_files(out: Path) -> int:
+    """Remove temp files that killed runs left behind; return how many. A temp file of a live
+    process (another `--shard` run writing into this folder) is left alone."""
+    n = 0
+    now = time.time()
+    for sub in (out, out / "shards", out / "rejects"):
+        if not sub.is_dir():
+            continue
+        for p in sub.iterdir():
+            owner = _temp_owner(p.name)
+            if owner is None or not p.is_file():
+                continue
+            try:
+                stale = now - p.stat().st_mtime > STALE_TEMP_SECONDS
+            except FileNotFoundError:
+                continue
+            if not stale and (owner[0] != _HOST or _pid_alive(owner[1])):
+                continue
+            try:
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass         # another starting run removed it first
+            except OSError as e:
+                raise machine_error(e, p) from None
+    return n
+
+
+def probe_writable(out: Path) -> None:
+    """Check that a run can write its files (run.json, shards/, rejects/) before it changes any
+    state: create and remove a temp file in each folder. Raises `MachineError` naming the folder."""
+    for d in (out, out / "shards", out / "rejects"):
+        p = temp_path(d / "probe")
+        try:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            p.unlink()
+        except OSError as e:
+            raise machine_error(e, d) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# run.json
+
+# Fields every run.json has (what readers rely on), then fields only the writer adds.
+RUN_FIELDS: dict[str, type] = {"format": str, "schema_version": int, "recipe_name": str,
+                               "recipe_hash": str, "seed": int, "n": int, "recipe": dict}
+RUN_OPTIONAL_FIELDS: dict[str, type] = {"recipe_path": str, "versions": dict}
+
+
+def read_run_json(path: Path) -> dict:
+    """Read and check a dataset's run.json: a JSON object of the cirgen format whose fields have
+    the right types and ranges. Raises `DatasetError` naming the file and the field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise DatasetError(os_error_line(e, path)) from None
+    try:
+        run = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(run, dict):
+        raise DatasetError(f"{path}: expected a JSON object with the dataset's fields, got a JSON "
+                           f"{type(run).__name__}")
+    if run.get("format") != FORMAT:
+        raise DatasetError(f"{path}: not a cirgen triplet dataset (format {run.get('format')!r}, "
+                           f"expected {FORMAT!r})")
+    missing = [k for k in RUN_FIELDS if k not in run]
+    if missing:
+        raise DatasetError(f"{path}: missing field(s) {', '.join(missing)} (was the file edited? "
+                           f"restore it, or use a new folder)")
+    for k, t in {**RUN_FIELDS, **RUN_OPTIONAL_FIELDS}.items():
+        v = run.get(k)
+        if k in run and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
+            raise DatasetError(f"{path}: field {k!r} must be a JSON {_JSON_NAMES[t]}, got {v!r:.60}")
+    if not 1 <= run["schema_version"] <= SCHEMA_VERSION:
+        raise DatasetError(f"{path}: field 'schema_version' is {run['schema_version']}; this cirgen "
+                           f"reads 1..{SCHEMA_VERSION} (made by a newer cirgen?)")
+    if run["seed"] < 0:
+        raise DatasetError(f"{path}: field 'seed' must be >= 0, got {run['seed']}")
+    if run["n"] < 1:
+        raise DatasetError(f"{path}: field 'n' must be >= 1, got {run['n']}")
+    return run
+
+
+_JSON_NAMES = {str: "string", int: "integer", dict: "object"}
+
+
+def _check_identity(run: dict, path: Path, recipe: GenRecipe, seed: int) -> None:
+    """The dataset in `path` (run.json, already read) is (recipe, seed)'s, and its recorded recipe
+    is the one its hash names (a hand-edit of either is caught)."""
+    out = path.parent
+    if run["recipe_hash"] != recipe.hash():
+        raise StoreError(f"{out}: made by a different recipe (hash {run['recipe_hash']} from "
+                         f"{run['recipe_name']!r}, now {recipe.hash()} from {recipe.name!r}); "
+                         f"use a new --out")
+    if run["seed"] != seed:
+        raise StoreError(f"{out}: made with seed {run['seed']}, not {seed}; use a new --out")
+    from .config import ConfigError, from_dict
+
+    try:
+        recorded = from_dict(GenRecipe, run["recipe"])
+    except (ConfigError, TypeError, ValueError):
+        return               # written by another cirgen version: the hash above is the check
+    if recorded.hash() != run["recipe_hash"]:
+        raise StoreError(f"{path}: field 'recipe' does not match field 'recipe_hash' "
+                         f"({recorded.hash()} vs {run['recipe_hash']}); was the file edited?")
+    units = -(-run["n"] // recorded.pipeline.unit_size)
+    if units > MAX_UNITS:
+        raise StoreError(f"{path}: field 'n' ({run['n']}) needs {units} work units, more than "
+                         f"{MAX_UNITS}; was the file edited?")
+
+
+def check_request(recipe: GenRecipe, seed: object, n: object) -> None:
+    """Validate the arguments of a run before anything is written (StoreError, one line)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise StoreError(f"--n must be a positive number of triplets, got {n}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise StoreError(f"--seed must be a whole number >= 0, got {seed}")
+    us = recipe.pipeline.unit_size
+    units = -(-n // us)
+    if units > MAX_UNITS:
+        raise StoreError(f"--n {n}: needs {units} work units of pipeline.unit_size {us}; a dataset "
+                         f"holds at most {MAX_UNITS} units ({MAX_UNITS * us} triplets at this unit "
+                         f"size); lower --n or raise pipeline.unit_size")
+
+
+@contextmanager
+def _folder_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder while run.json is checked and written, so two runs
+    starting at once cannot both create (or retarget) the dataset. Best effort where the file
+    system has no flock (the lock then is a no-op)."""
+    try:
+        import fcntl
+    except ImportError:      # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:          # a folder we may write but not read: no lock, the checks still run
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _versions() -> dict:
@@ -50,80 +296,249 @@ def _versions() -> dict:
     return out
 
 
-def open_dataset(out: Path, recipe: GenRecipe, seed: int, n: int, recipe_path: str) -> dict:
-    """Create or reopen `out` for (recipe, seed) aiming at `n` triplets; return run.json's content.
+def _run_json_bytes(run: dict) -> bytes:
+    return (json.dumps(run, indent=2, sort_keys=True) + "\n").encode()
 
-    Refuses (StoreError, nothing changed) a foreign non-empty folder, an unwritable one, a dataset
-    of another recipe or seed, and an `n` below what the folder already holds.
+
+def _leftovers_only(out: Path) -> bool:
+    """True when a folder without run.json holds nothing but what an interrupted cirgen setup
+    leaves: its temp files and empty (or temp-file-only) shards/ and rejects/."""
+    try:
+        for p in out.iterdir():
+            if p.name in ("shards", "rejects") and p.is_dir():
+                if any(_temp_owner(q.name) is None for q in p.iterdir()):
+                    return False
+            elif _temp_owner(p.name) is None:
+                return False
+    except OSError as e:
+        raise machine_error(e, e.filename or out) from None
+    return True
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """mkdir -p `out`; return the folders made (outermost first). MachineError naming `out`."""
+    made = [p for p in [*reversed(out.parents), out] if not p.exists()]
+    try:
+        for p in made:
+            p.mkdir()
+    except FileExistsError:
+        pass                 # made by a concurrent run meanwhile
+    except OSError as e:
+        _remove_empty(made)
+        raise machine_error(e, out) from None
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
+def open_dataset(out: Path, recipe: GenRecipe, seed: int, n: int, recipe_path: str) -> dict:
+    """Create or reopen `out` for (recipe, seed) aiming at `n` triplets; return run.json's content
+    as it is on disk (an existing dataset's `n` is raised later, by `set_target`, once the run has
+    checked it can write).
+
+    Refuses (StoreError/DatasetError/MachineError, nothing changed) bad arguments, a foreign
+    non-empty folder, a damaged or edited run.json, a dataset of another recipe or seed, and an `n`
+    below what the folder already holds. A folder that holds only the leftovers of an interrupted
+    setup is taken over. A new folder that cannot be set up (disk full) is removed again.
     """
-    if n <= 0:
-        raise StoreError(f"--n must be a positive number of triplets, got {n}")
+    check_request(recipe, seed, n)
     run_path = out / "run.json"
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out}: exists and is not a folder")
-    if out.is_dir() and not run_path.exists() and any(out.iterdir()):
-        raise StoreError(f"{out}: folder is not empty and holds no cirgen dataset (no run.json); "
-                         f"choose an empty or new folder")
-    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("/"))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"{out}: folder is not writable")
-    if run_path.exists():
-        try:
-            run = json.loads(run_path.read_text())
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{run_path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        if run.get("format") != FORMAT:
-            raise StoreError(f"{run_path}: not a cirgen triplet dataset (format {run.get('format')!r})")
-        if run.get("recipe_hash") != recipe.hash():
-            raise StoreError(f"{out}: made by a different recipe (hash {run.get('recipe_hash')} from "
-                             f"{run.get('recipe_name')!r}, now {recipe.hash()} from {recipe.name!r}); "
-                             f"use a new --out")
-        if run.get("seed") != seed:
-            raise StoreError(f"{out}: made with seed {run.get('seed')}, not {seed}; use a new --out")
-        if n < run.get("n", 0):
-            raise StoreError(f"{out}: already holds a dataset of {run['n']} triplets; --n {n} would "
-                             f"shrink it (subsample when training instead, e.g. --max-triplets)")
-        if n == run["n"]:
-            return run
-        run = dict(run, n=n)
-    else:
-        from .config import to_dict
-
-        run = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "recipe_name": recipe.name,
-               "recipe_path": recipe_path, "recipe_hash": recipe.hash(), "seed": seed, "n": n,
-               "recipe": to_dict(recipe), "versions": _versions()}
+    made = _make_dirs(out)
+    wrote: list[Path] = []
     try:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        (out / "rejects").mkdir(exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"{out}: cannot create folder ({e.strerror})") from None
-    write_atomic(run_path, (json.dumps(run, indent=2, sort_keys=True) + "\n").encode())
+        with _folder_lock(out):
+            if run_path.exists() or run_path.is_symlink():
+                run = read_run_json(run_path)
+                _check_identity(run, run_path, recipe, seed)
+                if n < run["n"]:
+                    raise StoreError(f"{out}: already holds a dataset of {run['n']} triplets; --n {n} "
+                                     f"would shrink it (subsample when training instead, e.g. "
+                                     f"--max-triplets)")
+            else:
+                if not _leftovers_only(out):
+                    raise StoreError(f"{out}: folder is not empty and holds no cirgen dataset (no "
+                                     f"run.json); choose an empty or new folder")
+                from .config import to_dict
+
+                run = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "recipe_name": recipe.name,
+                       "recipe_path": recipe_path, "recipe_hash": recipe.hash(), "seed": seed, "n": n,
+                       "recipe": to_dict(recipe), "versions": _versions()}
+                write_atomic(run_path, _run_json_bytes(run))
+                wrote.append(run_path)
+            for sub in ("shards", "rejects"):
+                d = out / sub
+                if d.is_dir():
+                    continue
+                if d.exists() or d.is_symlink():
+                    raise StoreError(f"{d}: exists and is not a folder")
+                try:
+                    d.mkdir()
+                except FileExistsError:
+                    continue         # made by a concurrent run meanwhile
+                except OSError as e:
+                    raise machine_error(e, d) from None
+                made.append(d)
+    except BaseException:
+        # Leave the folder as it was found: what this call wrote goes again (a new folder that
+        # the full disk refused is removed, so the same command starts cleanly later).
+        for p in wrote:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        _remove_empty(made)
+        raise
     return run
 
 
-def clean_temp_files(out: Path) -> int:
-    """Remove temp files a killed run left behind; return how many."""
-    n = 0
-    for sub in (out, out / "shards", out / "rejects"):
-        for p in sub.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
+def set_target(out: Path, recipe: GenRecipe, seed: int, n: int) -> dict:
+    """Raise the dataset's target to `n` in run.json (under the folder lock, rechecked: another
+    run may have changed it meanwhile); return the new content."""
+    run_path = out / "run.json"
+    with _folder_lock(out):
+        run = read_run_json(run_path)
+        _check_identity(run, run_path, recipe, seed)
+        if n < run["n"]:
+            raise StoreError(f"{out}: another run raised its target to {run['n']} triplets meanwhile; "
+                             f"--n {n} would shrink it")
+        if n > run["n"]:
+            run = dict(run, n=n)
+            write_atomic(run_path, _run_json_bytes(run))
+    return run
 
+
+# ---------------------------------------------------------------------------------------------
+# Shards
 
 def shard_path(out: Path, unit: int, rejects: bool = False) -> Path:
     return out / ("rejects" if rejects else "shards") / f"{unit:06d}.parquet"
 
 
-def unit_done(out: Path, unit: int, count: int) -> bool:
-    """A unit is done when its shard exists with exactly `count` rows."""
-    p = shard_path(out, unit)
-    if not p.exists():
-        return False
+class _Damaged(Exception):
+    pass
+
+
+def _footer(path: Path) -> tuple[int, dict]:
+    """(rows, cirgen unit statistics) from a parquet file's footer; `_Damaged` when unreadable."""
     try:
-        return pq.ParquetFile(p).metadata.num_rows == count
-    except (pa.ArrowInvalid, OSError):
-        return False
+        with pq.ParquetFile(path) as pf:
+            rows = pf.metadata.num_rows
+            md = pf.schema_arrow.metadata or {}
+    except (pa.ArrowException, OSError) as e:
+        raise _Damaged(f"{path}: unreadable parquet ({' '.join(str(e).split())[:120]})") from None
+    try:
+        st = json.loads(md[b"cirgen"])
+        if not (isinstance(st, dict) and isinstance(st.get("kept"), int)
+                and isinstance(st.get("generated"), int)):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise _Damaged(f"{path}: no cirgen unit statistics in its footer") from None
+    return rows, st
+
+
+def _check_origin(path: Path, st: dict, unit: int, seed: int | None, recipe_hash: str | None) -> None:
+    """A shard whose footer names another seed or recipe is not this dataset's: refuse (never
+    overwrite it: it is somebody's data). Shards of older cirgen versions carry no seed in the
+    footer; then the first row's candidate seed is checked."""
+    if seed is not None:
+        if "seed" in st:
+            if st["seed"] != seed:
+                raise StoreError(f"{path}: made with seed {st['seed']}, but run.json says seed {seed}; "
+                                 f"this folder would mix two runs (was run.json edited?)")
+        else:
+            from .candidate import candidate_seed
+
+            try:
+                with pq.ParquetFile(path) as pf:
+                    row = pf.read_row_group(0, columns=["id", "seed"]).slice(0, 1).to_pylist()
+            except (pa.ArrowException, OSError, KeyError, IndexError):
+                row = []
+            if row:
+                j = int(str(row[0]["id"]).rsplit("-", 1)[-1])
+                if row[0]["seed"] != candidate_seed(seed, unit, j):
+                    raise StoreError(f"{path}: its rows were not made with seed {seed} (run.json's "
+                                     f"seed); this folder would mix two runs (was run.json edited?)")
+    if recipe_hash is not None and st.get("recipe_hash", recipe_hash) != recipe_hash:
+        raise StoreError(f"{path}: made by recipe {st['recipe_hash']}, but run.json says "
+                         f"{recipe_hash}; this folder would mix two runs")
+
+
+@dataclass
+class UnitCheck:
+    """What resume knows about one unit: `done`, else `problem` says what is damaged (None when
+    the unit is just not written yet or is being extended). `empty_rejects`: a 0-row rejects
+    file of an older cirgen that readers such as `datasets` cannot load (it carries nothing)."""
+    done: bool
+    problem: str | None = None
+    empty_rejects: Path | None = None
+
+
+def check_unit(out: Path, unit: int, count: int, seed: int | None = None,
+               recipe_hash: str | None = None) -> UnitCheck:
+    """Is unit `unit` complete with `count` kept triplets, and intact? Checks the shard's footer,
+    its row count against its own statistics, where it came from (`seed`, `recipe_hash` when
+    given), and the rejects file against the same statistics (present with exactly the rejected
+    candidates, or absent when there were none). Raises StoreError for a shard of another run."""
+    p, r = shard_path(out, unit), shard_path(out, unit, rejects=True)
+    if not p.exists() and not p.is_symlink():
+        return UnitCheck(False)
+    try:
+        rows, st = _footer(p)
+        _check_origin(p, st, unit, seed, recipe_hash)
+        if st.get("unit", unit) != unit:
+            raise _Damaged(f"{p}: holds unit {st['unit']}, not unit {unit}")
+        if rows != st["kept"]:
+            raise _Damaged(f"{p}: holds {rows} rows, its footer says {st['kept']}")
+        if rows > count:
+            raise StoreError(_more_rows(p, rows, count))
+        if rows != count:
+            return UnitCheck(False)        # a smaller last unit, completed by an extension
+        expected = st["generated"] - st["kept"]
+        if r.exists() or r.is_symlink():
+            rrows, rst = _footer(r)
+            if rst != st:
+                raise _Damaged(f"{r}: is not from the same run of unit {unit} as {p}")
+            if rrows != expected:
+                raise _Damaged(f"{r}: holds {rrows} rejected candidates, the unit's statistics say "
+                               f"{expected}")
+            return UnitCheck(True, empty_rejects=r if rrows == 0 else None)
+        if expected:
+            raise _Damaged(f"{r}: missing (unit {unit} rejected {expected} candidates)")
+        return UnitCheck(True)
+    except _Damaged as d:
+        return UnitCheck(False, str(d))
+
+
+def _more_rows(path: Path, rows: int, count: int) -> str:
+    return (f"{path}: holds {rows} triplets, more than the {count} its unit has at this --n; the "
+            f"target in run.json was lowered (edited?) or another run extends this folder at once; "
+            f"refusing to overwrite it")
+
+
+def check_overwrite(out: Path, unit: int, count: int) -> None:
+    """Before a unit's files are written: never replace a shard that holds more triplets than
+    this run's unit (written by a run with a larger --n). StoreError naming the shard."""
+    p = shard_path(out, unit)
+    try:
+        with pq.ParquetFile(p) as pf:
+            rows = pf.metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return               # missing or unreadable: nothing to keep
+    if rows > count:
+        raise StoreError(_more_rows(p, rows, count))
+
+
+def unit_done(out: Path, unit: int, count: int) -> bool:
+    """A unit is done when its shard holds exactly `count` rows and its files are intact."""
+    return check_unit(out, unit, count).done
 
 
 def _scene_json(scene) -> str | None:
@@ -161,17 +576,36 @@ def to_table(cands: list[Candidate], schema: pa.Schema, unit_size: int, quality:
 
 
 def write_table(table: pa.Table, path: Path, unit_stats: dict) -> None:
+    """Write a unit's table (kept or rejected candidates) to `path` atomically, with the unit's
+    statistics in the footer (`cirgen` metadata key). MachineError naming `path` on an OS error."""
     meta = dict(table.schema.metadata or {})
     meta[b"cirgen"] = json.dumps(unit_stats, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="zstd")
-    os.replace(tmp, path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, row_group_size=ROW_GROUP, compression="zstd")
+    write_atomic(path, buf.getvalue())
+
+
+def remove_file(path: Path) -> None:
+    """Delete `path` if it is there; MachineError naming it when the OS refuses."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise machine_error(e, path) from None
+
+
+def _damaged_error(path: Path, e: Exception) -> DatasetError:
+    return DatasetError(f"{path}: unreadable ({' '.join(str(e).split())[:160]}); move the file away "
+                        f"and rerun the same `cirgen triplets` command to regenerate its unit")
 
 
 def unit_stats(out: Path, unit: int) -> dict:
-    md = pq.ParquetFile(shard_path(out, unit)).schema_arrow.metadata or {}
-    return json.loads(md.get(b"cirgen", b"{}"))
+    """The unit's statistics from its shard's footer (DatasetError naming the file if damaged)."""
+    p = shard_path(out, unit)
+    try:
+        return _footer(p)[1]
+    except _Damaged as d:
+        raise DatasetError(f"{d}; rerun the same `cirgen triplets` command to regenerate unit {unit}") from None
 
 
 def _device_type(device: str | None) -> str:
@@ -187,9 +621,12 @@ def _scan_rows(out: Path, unit: int) -> tuple[dict, dict]:
     for path in (shard_path(out, unit), shard_path(out, unit, rejects=True)):
         if not path.exists():
             continue
-        names = pq.read_schema(path).names
-        cols = [c for c in names if c.startswith("pass_")] + (["generator"] if "generator" in names else [])
-        t = pq.read_table(path, columns=cols)
+        try:
+            names = pq.read_schema(path).names
+            cols = [c for c in names if c.startswith("pass_")] + (["generator"] if "generator" in names else [])
+            t = pq.read_table(path, columns=cols)
+        except (pa.ArrowException, OSError) as e:
+            raise _damaged_error(path, e) from None
         for c in cols:
             if c == "generator":
                 continue
@@ -199,7 +636,10 @@ def _scan_rows(out: Path, unit: int) -> tuple[dict, dict]:
             e[1] += sum(v is True for v in vals)
         if "generator" in cols:
             for g in t.column("generator").to_pylist():
-                g = json.loads(g) if g else {}
+                try:
+                    g = json.loads(g) if g else {}
+                except json.JSONDecodeError:
+                    g = {}
                 for s in STAGES:
                     d = _device_type((g.get(s) or {}).get("device"))
                     ds = devices.setdefault(s, {})
@@ -277,10 +717,10 @@ def aggregate_stats(out: Path, units: list[int]) -> dict:
 def _dedupe_settings(out: Path) -> dict | None:
     """The dataset's dedupe section when its cross-unit report is on (read from run.json)."""
     try:
-        dd = json.loads((out / "run.json").read_text())["recipe"]["filters"]["dedupe"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        dd = read_run_json(out / "run.json")["recipe"]["filters"]["dedupe"]
+    except (DatasetError, KeyError, TypeError):
         return None
-    return dd if dd.get("enabled") and dd.get("cross_unit_report") else None
+    return dd if isinstance(dd, dict) and dd.get("enabled") and dd.get("cross_unit_report") else None
 
 
 CARD = """---
