@@ -35,4 +35,4 @@ def test_gpu_check_dry_run_runs_every_part_and_records_errors_per_part(tmp_path)
     parts = json.loads(out.read_text())["parts"]
     assert set(parts) == {"stage2", "retrieval"}
     assert not any("error" in p for p in parts.values()), parts
-    assert {"bare", "full", "adapter", "lora"} <= set(parts["stage2"]["results"])
+    assert {"bare", "full", "low-rank", "bottleneck", "lora"} <= set(parts["stage2"]["results"])

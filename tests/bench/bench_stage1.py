@@ -4,7 +4,7 @@
     python tests/bench/bench_stage1.py --model ViT-B-32 --random-init --batch 64
     python tests/bench/bench_stage1.py --quick            # smoke mode
 
-Both modes run the same stage-I step (token learner + VSI forward, `a photo of $` through the text
+Both modes run the same stage-I step (token learner + VSI forward, `a photo of *` through the text
 encoder, contrastive loss, backward, AdamW) on the same batch; "recompute" also runs the frozen
 image tower (global + patch tokens) every step, which is what training without the cache costs.
 """
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     clip = CIRClip.load(args.model, random_init=args.random_init)
-    model = CIRModel(clip, MappingConfig(vsi=True))
+    model = CIRModel(clip, MappingConfig())            # TSCIR defaults: token learner + VSI injectors
     rng = np.random.default_rng(0)
     x = torch.stack([clip.preprocess(render(sample_scene(rng), i, RenderConfig(resolution=128)))
                      for i in range(args.batch)])
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
         g0, p0 = clip.image_features(x, patches=True)
         g0 = torch.nn.functional.normalize(g0, dim=-1)
     opt = torch.optim.AdamW(model.mapping.parameters(), 1e-4)
-    prompts = ["a photo of $"] * args.batch
+    prompts = ["a photo of *"] * args.batch
 
     def step(recompute: bool) -> None:
         if recompute:

@@ -5,15 +5,16 @@
     python tests/bench/bench_stage2.py --model ViT-L-14 --random-init --device cuda --dtype bfloat16
     python tests/bench/bench_stage2.py --quick                                  # smoke mode
 
-Both steps see the same prompts (`a photo of $ that <modification>`), tokenize them, run the text
-tower, score the same cached target/negative image features with the hard-negative InfoNCE, run
-backward and an AdamW step:
+Both steps see the same prompts (`a photo of * that <modification>`), tokenize them, run the text
+tower, score the same cached target image features with TSCIR's composed contrastive loss (10 mixed
+hard negatives), run backward and an AdamW step:
 - bare: open_clip's own `encode_text` with every text-tower weight trainable (a plain fine-tuning
-  step; `$` is just a token here);
-- stage II `full`: the same trainable weights, through cirgen's query path (token learner, `$`
-  injection, VSI, hooks) — its ratio to bare is the toolkit's overhead (target <= 1.10);
-- stage II `adapter` / `lora`: the default and the alternative composers (fewer weight gradients,
-  so they may run faster than bare).
+  step; `*` is just a token here);
+- stage II `full`: the same trainable weights, through cirgen's query path (token learner,
+  pseudo-word injection, VSI injectors, hooks) — its ratio to bare is the toolkit's overhead
+  (target <= 1.10);
+- stage II `low-rank` (TSCIR's composing adapters, the default), `bottleneck`, `lora`: fewer weight
+  gradients, so they may run faster than bare.
 Times are the median of --steps steps after two warm-up steps (CUDA: synchronised). On CUDA the
 model FLOP utilisation counts 6 x text parameters x tokens per step against --peak-tflops.
 """
@@ -41,8 +42,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="shapes-clip")
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--negatives", type=int, default=8, help="mined negatives per query")
-    ap.add_argument("--modes", default="full,adapter,lora")
+    ap.add_argument("--negatives", type=int, default=10, help="mixed hard negatives per query (TSCIR: 10)")
+    ap.add_argument("--modes", default="full,low-rank,bottleneck,lora")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -60,7 +61,7 @@ def main(argv=None) -> dict:
 
     from cir.adapters import ComposeConfig
     from cir.clip import CIRClip
-    from cir.losses import hard_negative_infonce
+    from cir.losses import composed_contrastive
     from cir.mapping import MappingConfig
     from cir.model import CIRModel
 
@@ -69,9 +70,9 @@ def main(argv=None) -> dict:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     rng = np.random.default_rng(0)
-    prompts = ["a photo of $ that " + " ".join(rng.choice(WORDS, size=int(rng.integers(6, 16))))
+    prompts = ["a photo of * that " + " ".join(rng.choice(WORDS, size=int(rng.integers(6, 16))))
                for _ in range(args.batch)]
-    bare_prompts = [p.replace("$", "thing") for p in prompts]
+    bare_prompts = [p.replace("*", "thing") for p in prompts]
 
     def features(*shape):
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
@@ -100,11 +101,13 @@ def main(argv=None) -> dict:
     for mode in ["bare"] + [m for m in args.modes.split(",") if m]:
         clip = CIRClip.load(args.model, random_init=args.random_init, device=args.device)
         D, Wv = clip.embed_dim, clip.vision_width
-        grid = getattr(clip.clip.visual, "grid_size", (7, 7))
-        n_patch = grid[0] * grid[1] + 1
+        size = clip.clip.visual.image_size
+        size = size if isinstance(size, int) else size[0]
+        with torch.no_grad():                            # the model's own visual-token grid
+            n_patch = clip.image_features(torch.zeros(1, 3, size, size, device=dev), patches=True)[1].shape[1]
         g = features(args.batch, D)
         patches = torch.randn(args.batch, n_patch, Wv, device=dev)
-        tgt, neg = features(args.batch, D + 0), features(args.batch, args.negatives, D)
+        tgt = features(args.batch, D + 0)
         scale = clip.logit_scale
         text_params = sum(p.numel() for n, p in clip.clip.named_parameters()
                           if not n.startswith("visual."))
@@ -119,12 +122,12 @@ def main(argv=None) -> dict:
             def step():
                 with autocast:
                     q = oc.encode_text(clip.tokenizer(bare_prompts).to(dev), normalize=True)
-                    loss = hard_negative_infonce(q.float(), tgt, neg, scale)
+                    loss = composed_contrastive(q.float(), tgt, scale, args.negatives)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         else:
-            model = CIRModel(clip, MappingConfig(vsi=True)).to(dev)
+            model = CIRModel(clip, MappingConfig()).to(dev)
             model.add_composer(ComposeConfig(mode=mode))
             model.to(dev)
             model.mapping.requires_grad_(False)          # stage II default: stage-I modules frozen
@@ -138,7 +141,7 @@ def main(argv=None) -> dict:
             def step():
                 with autocast:
                     q = model.encode_query(g, patches, prompts)
-                    loss = hard_negative_infonce(q.float(), tgt, neg, scale)
+                    loss = composed_contrastive(q.float(), tgt, scale, args.negatives)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
