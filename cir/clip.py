@@ -43,6 +43,7 @@ class CIRClip(nn.Module):
         self.name = loaded.name
         self.weights_id = loaded.weights_id
         self.grad_checkpointing = False
+        self._bpe_cache: dict[str, list[int]] = {}
         if not hasattr(self.clip, "transformer") or not hasattr(self.clip, "token_embedding"):
             raise ValueError(f"{self.name}: only CLIP models with open_clip's built-in text tower are "
                              "supported (CustomTextCLIP / HF text towers are not)")
@@ -136,12 +137,13 @@ class CIRClip(nn.Module):
             raise PromptError(f"{self.name}: pseudo-word prompts need open_clip's BPE tokenizer "
                               f"(this model uses {type(tok).__name__})")
         ctx_len = self.context_length
-        ph_id = tok.encode("*")[0]
+        bpe = self._bpe
+        ph_id = bpe("*")[0]
         qps = as_query_prompts(prompts)
         out = torch.zeros(len(qps), ctx_len, dtype=torch.long)
         ph_index = torch.empty(len(qps), dtype=torch.long)
         for i, q in enumerate(qps):
-            pre, post = tok.encode(q.prefix), tok.encode(q.suffix)
+            pre, post = bpe(q.prefix), bpe(q.suffix)
             if 1 + len(pre) + n_tokens > ctx_len - 1:
                 name = where[i] if where is not None else f"prompt {i}"
                 raise PromptError(f"{name}: the placeholder falls outside the {ctx_len}-token text context "
@@ -154,8 +156,17 @@ class CIRClip(nn.Module):
 
     def placeholder_fits(self, prompts: Sequence[QueryPrompt | str], n_tokens: int = 1) -> list[bool]:
         """Per prompt: does the placeholder fall inside the text context? (Integrity checks.)"""
-        tok, ctx_len = self.tokenizer, self.context_length
-        return [1 + len(tok.encode(q.prefix)) + n_tokens <= ctx_len - 1 for q in as_query_prompts(prompts)]
+        return [1 + len(self._bpe(q.prefix)) + n_tokens <= self.context_length - 1 for q in as_query_prompts(prompts)]
+
+    def _bpe(self, text: str) -> list[int]:
+        """BPE ids of `text` (no SOT/EOT), memoised: training re-encodes the same prompt pieces
+        every epoch and the tokenizer is pure Python."""
+        ids = self._bpe_cache.get(text)
+        if ids is None:
+            if len(self._bpe_cache) > 200_000:
+                self._bpe_cache.clear()
+            ids = self._bpe_cache[text] = self.tokenizer.encode(text)
+        return ids
 
     def encode_text(self, tokens: torch.Tensor, pseudo: torch.Tensor | None = None,
                     placeholder_index: torch.Tensor | None = None, hooks: list[Callable] | None = None,
