@@ -44,7 +44,8 @@ def inspect_dataset(root: str | Path, examples: int = 3) -> dict:
         "seed": run["seed"], "target_n": run["n"], "rows": layout.rows,
         "shards": len(layout.shards), "planned_shards": len(layout.units),
         "complete": not problems,
-        "missing": [p.name for p in layout.missing], "unexpected": [str(p.relative_to(root)) for p in layout.unexpected],
+        "missing": [p.name for p in layout.missing],
+        "unexpected": [str(p.relative_to(root)) for p in layout.unexpected],
         "problems": problems, "stats": stats, "examples": rows,
     }
 

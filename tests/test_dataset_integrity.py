@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -139,6 +140,27 @@ def test_shard_under_another_units_name_is_damage(ds):
     layout = validate_dataset(ds)
     assert not layout.complete and any("row 0 has id '000000-" in line or "footer says" in line
                                        for line in layout.damaged)
+
+
+def _set_id(path: Path, row: int, new_id: str) -> None:
+    t = pq.read_table(path)
+    ids = t.column("id").to_pylist()
+    ids[row] = new_id
+    t = t.set_column(t.schema.get_field_index("id"), "id", pa.array(ids, pa.string()))
+    pq.write_table(t, path)   # keeps the footer's schema metadata (unit statistics)
+
+
+def test_repeated_id_in_a_shard_and_kept_id_among_rejects_are_damage(ds):
+    rej = next(p for p in sorted((ds / "rejects").glob("*.parquet")) if pq.read_metadata(p).num_rows)
+    unit, other = int(rej.stem), 1 - int(rej.stem)    # the kept shard of `unit` must stay sound
+    _set_id(ds / "shards" / f"{other:06d}.parquet", 1, f"{other:06d}-000000")
+    with pytest.raises(DatasetError, match=rf"shards/{other:06d}\.parquet: id '{other:06d}-000000' is in more "
+                                           r"than one row"):
+        TripletReader(ds)
+    kept0 = pq.read_table(ds / "shards" / rej.name, columns=["id"]).column("id")[0].as_py()
+    _set_id(rej, 0, kept0)
+    line = next(x for x in validate_dataset(ds).rejects_damaged if rej.name in x)
+    assert f"row 0 has id {kept0!r}, which is also a kept triplet of unit {unit}" in line
 
 
 def test_truncated_rejects_file_is_named_when_rejects_are_read(ds, tmp_path):
