@@ -72,6 +72,7 @@ class TripletsConfig:
     subsample_seed: int = 0
     where: list[str] = field(default_factory=list)   # e.g. ["failure==none", "score_clip_dir>=0.2"]
     include_rejects: bool = False      # also train on candidates the generation filters rejected
+    allow_incomplete: bool = False     # cirgen: train on an unfinished dataset (refused by default)
     on_error: Literal["raise", "skip"] = "raise"
 
 
@@ -228,7 +229,7 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
 
     # TripletReader opens and checks the folder (run.json, format) and lists its shards; any folder
     # validation it does (missing/extra/corrupt shards) applies here too.
-    reader = TripletReader(cfg.path)
+    reader = TripletReader(cfg.path, allow_incomplete=cfg.allow_incomplete)
     conds = [parse_condition(c) for c in cfg.where]
     cond_cols = list(dict.fromkeys(c for c, _, _ in conds))
     files = [p for rejects in ([False, True] if cfg.include_rejects else [False])

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import SMALL, file_states
-from datagen.candidate import Candidate
+from datagen.candidate import Candidate, candidate_seed
+from datagen.config import from_dict
+from datagen.recipe import GenRecipe
 from datagen.report import (ReportError, RetrievalQuery, RetrievalResult, write_dataset_report,
                             write_retrieval_report)
 from datagen.schema import FORMAT, build_schema
@@ -43,7 +45,7 @@ def make_dataset(root: Path, n_kept: int = 60, n_rejected: int = 15, tier: str =
     rng = random.Random(tier)
     kept, rejected = [], []
     for j in range(n_kept + n_rejected):
-        c = Candidate(unit=0, j=j, seed=j)
+        c = Candidate(unit=0, j=j, seed=candidate_seed(0, 0, j))
         c.source_caption = EVIL if j == 0 else f"a small red circle number {j}"
         c.modification_text = "make it <b>blue</b>" if j == 0 else f"make circle {j} blue"
         c.target_caption = f"a small blue circle number {j}"
@@ -78,8 +80,11 @@ def make_dataset(root: Path, n_kept: int = 60, n_rejected: int = 15, tier: str =
     schema = build_schema(SCORES, PASSES)
     write_table(to_table(kept, schema, 500, tier, True), shard_path(root, 0), {})
     write_table(to_table(rejected, schema, 500, tier, False), shard_path(root, 0, rejects=True), {})
-    run = {"format": FORMAT, "schema_version": 1, "recipe_name": f"fixture-{tier}", "recipe_hash": "x",
-           "seed": 0, "n": n_kept, "recipe": {"quality": {"tier": tier}}}
+    # run.json as `cirgen triplets` writes it: readers check the shards against its plan
+    # (unit_size, n, seed) and its recipe against recipe_hash.
+    recipe = {"quality": {"tier": tier}, "pipeline": {"unit_size": 500}}
+    run = {"format": FORMAT, "schema_version": 1, "recipe_name": f"fixture-{tier}",
+           "recipe_hash": from_dict(GenRecipe, recipe).hash(), "seed": 0, "n": n_kept, "recipe": recipe}
     (root / "run.json").write_text(json.dumps(run))
     stats = {"kept": n_kept, "generated": n_kept + n_rejected, "yield": n_kept / (n_kept + n_rejected),
              "budget": {"seconds_per_stage": {"captions": 1.0, "edits": 2.0, "images": 30.0, "filters": 4.0},

@@ -251,23 +251,34 @@ def test_synthtriplets_compressed_or_missing_input_is_a_one_line_error(tmp_path)
 # ----------------------------------------------------------------------------- cirgen folders
 
 def cirgen_folder(tmp_path, n=40, shards=2, rows_per_group=5):
+    """A real cirgen dataset (so every reader check passes) whose rows are then rewritten in place,
+    keeping ids, seeds and footers: item i = unit * (n // shards) + row gets images png(2i),
+    png(2i + 1), score_x = i / n, pass_x = i even, failure 'drift' when i % 3 == 0."""
+    from conftest import SMALL
+    from datagen.pipeline import generate
+    from datagen.recipe import load_gen_recipe
+
     root = tmp_path / "ds"
-    (root / "shards").mkdir(parents=True)
-    (root / "run.json").write_text(json.dumps({"format": FORMAT, "seed": 0, "recipe_hash": "r"}))
-    schema = build_schema(["score_x"], ["pass_x"])
     per = n // shards
-    for s in range(shards):
-        rows = []
-        for r in range(per):
-            i = s * per + r
-            row = {f.name: None for f in schema}
-            row.update(id=f"t{i}", index=i, modification_text=f"edit {i}", failure="none" if i % 3 else "drift",
+    generate(load_gen_recipe("shapes-high", SMALL + [f"pipeline.unit_size={per}"]), root, n, workers=1,
+             progress=False, log=lambda s: None)
+    for path in sorted((root / "shards").glob("*.parquet")):
+        t = pq.read_table(path)
+        schema = t.schema.append(pa.field("score_x", pa.float64())).append(pa.field("pass_x", pa.bool_()))
+        rows = t.to_pylist()
+        for row in rows:
+            i = num(row["id"], per)
+            row.update(modification_text=f"edit {i}", failure="none" if i % 3 else "drift",
                        reference_image={"bytes": png(2 * i), "path": None},
                        target_image={"bytes": png(2 * i + 1), "path": None}, score_x=i / n, pass_x=i % 2 == 0)
-            rows.append(row)
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "shards" / f"{s:06d}.parquet",
-                       row_group_size=rows_per_group)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, row_group_size=rows_per_group)
     return root
+
+
+def num(tid: str, per: int = 20) -> int:
+    """Item number of a cirgen id `UUUUUU-RRRRRR` with `per` rows per unit."""
+    unit, row = tid.split("-")
+    return int(unit) * per + int(row)
 
 
 def test_cirgen_reads_filter_columns_first_and_image_bytes_only_of_chosen_row_groups(tmp_path, monkeypatch):
@@ -289,7 +300,7 @@ def test_cirgen_reads_filter_columns_first_and_image_bytes_only_of_chosen_row_gr
     assert batches_cols and all(set(c) == {"score_x", "pass_x"} for c in batches_cols)  # no image column
     assert len(t) == 3 and t.filtered_out == 30                  # 10 of 40 rows pass both filters
     assert len(groups) <= 3                                       # at most one row group per chosen row
-    nums = [int(i[1:]) for i in t.ids]
+    nums = [num(i) for i in t.ids]
     assert all(k >= 20 and k % 2 == 0 for k in nums)
     assert [t.reference[k] for k in range(3)] == [png(2 * k) for k in nums]
     assert t.where[0].endswith(f"000001.parquet row {nums[0] - 20}")
@@ -307,7 +318,7 @@ def test_cirgen_unchosen_rows_are_never_decoded(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard, row_group_size=5)
     t = load_triplets(TripletsConfig(path=str(root), where=["score_x<0.5"]))
     assert len(t) == 10 and t.skipped == 0
-    with pytest.raises(DataError, match=r"000000.parquet row 10 \(id t10\): corrupt target image"):
+    with pytest.raises(DataError, match=r"000000.parquet row 10 \(id 000000-000010\): corrupt target image"):
         load_triplets(TripletsConfig(path=str(root)))
 
 
@@ -324,8 +335,8 @@ def test_cirgen_filter_errors_are_one_line(tmp_path):
 
 def test_cirgen_unreadable_shard_names_the_file(tmp_path):
     root = cirgen_folder(tmp_path, n=10, shards=1)
-    (root / "shards" / "000001.parquet").write_bytes(b"PAR1 truncated")
-    with pytest.raises(Exception, match=r"000001.parquet: unreadable shard") as e:
+    (root / "shards" / "000000.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(Exception, match=r"000000.parquet: unreadable") as e:
         load_triplets(TripletsConfig(path=str(root)))
     from datagen.base.errors import CirgenError
     assert isinstance(e.value, CirgenError)

@@ -3,17 +3,17 @@
 Each row becomes a card (reference and target thumbnails, modification text, captions, every
 `score_*` / `pass_*` value, quality tier, failure label, reject reason); the index carries the
 columns the viewer filters and sorts on, and per-dataset budget charts come from stats.json.
+Each folder is checked against its run.json first (`TripletReader`): a damaged shard, a stray
+copy or a damaged rejects file stops the report with one line naming the file; an unfinished
+dataset is shown as it is and marked incomplete.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import pyarrow.parquet as pq
-
-from ..schema import STAGES, DatasetError, TripletReader
+from ..schema import STAGES, TripletReader, read_batches, read_schema, read_stats
 from .result import ReportResult
 from .thumbs import ThumbCache
 from .writer import ChunkWriter, ReportError, check_sizes, facet, number, prepare_out, write_viewer
@@ -30,7 +30,7 @@ def _filter_columns(readers: list[TripletReader], rejects: bool) -> tuple[list[s
     passes: list[str] = []
     for r in readers:
         for p in r.shard_paths() + (r.shard_paths(rejects=True) if rejects else []):
-            for name in pq.read_schema(p).names:
+            for name in read_schema(p).names:
                 if name.startswith("score_") and name not in scores:
                     scores.append(name)
                 elif name.startswith("pass_") and name not in passes:
@@ -39,14 +39,10 @@ def _filter_columns(readers: list[TripletReader], rejects: bool) -> tuple[list[s
 
 
 def _records(path: Path, columns: list[str]) -> Iterator[dict]:
-    """Rows of one shard with those of `columns` it has, streamed (image bytes stay bounded)."""
-    try:
-        pf = pq.ParquetFile(path)
-        want = [c for c in columns if c in set(pf.schema_arrow.names)]
-        for batch in pf.iter_batches(batch_size=256, columns=want):
-            yield from batch.to_pylist()
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: unreadable shard ({e})") from None
+    """Rows of one shard with those of `columns` it has, streamed (image bytes stay bounded);
+    DatasetError names the file when it cannot be read."""
+    for batch in read_batches(path, columns, batch_size=256, present_only=True):
+        yield from batch.to_pylist()
 
 
 def _dataset_names(roots: list[Path]) -> list[str]:
@@ -76,7 +72,9 @@ def write_dataset_report(datasets: str | Path | Sequence[str | Path], out: str |
     if not roots:
         raise ReportError("no dataset folder given")
     check_sizes(thumb_size, chunk_size)
-    readers = [TripletReader(r) for r in roots]  # DatasetError names the folder that is not one
+    # DatasetError names the folder that is not a dataset, or the damaged file; unfinished
+    # datasets are shown as they are (marked incomplete).
+    readers = [TripletReader(r, allow_incomplete=True) for r in roots]
     out = prepare_out(Path(out))
     names = _dataset_names(roots)
     scores, passes = _filter_columns(readers, rejects)
@@ -123,8 +121,7 @@ def _read_dataset(name: str, reader: TripletReader, rejects: bool, thumbs: Thumb
                   chunks: ChunkWriter, cols: dict[str, list], scores: list[str],
                   passes: list[str]) -> tuple[dict, dict]:
     """Add one dataset's rows (kept, then rejected); return its summary row and budget chart."""
-    stats_path = reader.root / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    stats = read_stats(reader.root)
     row_seconds = {s: 0.0 for s in STAGES}
     counts = {"kept": 0, "rejected": 0}
     for rej in ([False, True] if rejects else [False]):
@@ -139,8 +136,8 @@ def _read_dataset(name: str, reader: TripletReader, rejects: bool, thumbs: Thumb
         "target_n": run.get("n"), "kept_rows": counts["kept"], "rejected_rows": counts["rejected"],
         "generated": stats.get("generated") if stats else None,
         "yield": stats.get("yield") if stats else None,
-        "seconds_per_1k_kept": stats["budget"]["seconds_per_1k_kept"] if stats else None,
-        "complete": bool(stats) and stats.get("kept") == run.get("n"),
+        "seconds_per_1k_kept": (stats.get("budget") or {}).get("seconds_per_1k_kept") if stats else None,
+        "complete": reader.layout.complete and bool(stats) and stats.get("kept") == run.get("n"),
     }
     return source, _budget_chart(name, stats, row_seconds)
 
