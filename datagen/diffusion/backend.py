@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from ..base.threads import record_threads
 from ..candidate import Candidate
 from ..recipe import GenRecipe
 from ..world.render import encode
@@ -121,7 +122,9 @@ class DiffusionImages:
 
     def _call(self, chunk: list[Sample], batch: list[Candidate]) -> None:
         try:
-            self.generate(chunk, batch)
+            # On the CPU, a fixed thread count: images must not depend on the worker layout.
+            with record_threads(getattr(getattr(self, "pipe", None), "device", "cpu")):
+                self.generate(chunk, batch)
         except RuntimeError as e:       # CUDA OOM, kernel or numeric errors: isolate the culprit by halving
             self._free_memory()
             for s in chunk:
