@@ -9,6 +9,10 @@ One `ClipScorer` wraps one `LoadedClip` (datagen.clip_loader, the project's only
 once per process and reuse it: `shared_scorer(...)` caches one per (model, weights, device) and per
 process id, so a forked worker never inherits the parent's (possibly CUDA) model. torch is
 imported lazily: `import datagen.pipeline` stays torch-free.
+
+Scores do not depend on the process layout: the model is called on fixed-size row blocks
+(`_fixed_rows`, whatever the batch sizes) and, on the CPU, on `RECORD_THREADS` threads whatever
+the worker count (`datagen.base.threads`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
+
+from .base.threads import record_threads
 
 ImageLike = Union[bytes, bytearray, "Image.Image", np.ndarray]
 
@@ -93,7 +99,8 @@ class ClipScorer:
         with torch.no_grad():
             for i in range(0, len(images), self.batch_size):
                 x = torch.stack([self.clip.preprocess(to_pil(im)) for im in images[i:i + self.batch_size]])
-                f = _fixed_rows(self.model.encode_image, x.to(self.device)).float()
+                with record_threads(self.device):
+                    f = _fixed_rows(self.model.encode_image, x.to(self.device)).float()
                 out.append(torch.nn.functional.normalize(f, dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self._dim(), device=self.device)
 
@@ -105,7 +112,8 @@ class ClipScorer:
         with torch.no_grad():
             for i in range(0, len(uniq), self.batch_size):
                 tok = self.clip.tokenizer(uniq[i:i + self.batch_size])
-                f = _fixed_rows(self.model.encode_text, tok.to(self.device)).float()
+                with record_threads(self.device):
+                    f = _fixed_rows(self.model.encode_text, tok.to(self.device)).float()
                 feats.append(torch.nn.functional.normalize(f, dim=-1))
         if not feats:
             return torch.zeros(0, self._dim(), device=self.device)
@@ -140,19 +148,22 @@ class ClipScorer:
     def image_image(self, a: Sequence[ImageLike], b: Sequence[ImageLike]) -> np.ndarray:
         """cos(E(a_i), E(b_i)) row by row."""
         _check_len(a, b)
-        return self._np(self._rowcos(self.encode_images(a), self.encode_images(b)))
+        with record_threads(self.device):
+            return self._np(self._rowcos(self.encode_images(a), self.encode_images(b)))
 
     def image_text(self, images: Sequence[ImageLike], texts: str | Sequence[str]) -> np.ndarray:
         """cos(E(image_i), E(text_i)) row by row (a single string is paired with every image)."""
         texts = _broadcast(texts, len(images))
         _check_len(images, texts)
-        return self._np(self._rowcos(self.encode_images(images), self.encode_texts(texts)))
+        with record_threads(self.device):
+            return self._np(self._rowcos(self.encode_images(images), self.encode_texts(texts)))
 
     def text_text(self, a: str | Sequence[str], b: Sequence[str]) -> np.ndarray:
         """cos(E(a_i), E(b_i)) row by row, e.g. CompoDiff's keyword similarity band."""
         a = _broadcast(a, len(b))
         _check_len(a, b)
-        return self._np(self._rowcos(self.encode_texts(a), self.encode_texts(b)))
+        with record_threads(self.device):
+            return self._np(self._rowcos(self.encode_texts(a), self.encode_texts(b)))
 
     def directional(self, ref_images: Sequence[ImageLike], tgt_images: Sequence[ImageLike],
                     src_captions: str | Sequence[str], tgt_captions: str | Sequence[str]) -> np.ndarray:
@@ -164,8 +175,9 @@ class ClipScorer:
         n = len(ref_images)
         src, tgt = _broadcast(src_captions, n), _broadcast(tgt_captions, n)
         _check_len(ref_images, tgt_images, src, tgt)
-        return self._np(self._dircos(self.encode_images(ref_images), self.encode_images(tgt_images),
-                                     self.encode_texts(src), self.encode_texts(tgt)))
+        with record_threads(self.device):
+            return self._np(self._dircos(self.encode_images(ref_images), self.encode_images(tgt_images),
+                                         self.encode_texts(src), self.encode_texts(tgt)))
 
     def pair_scores(self, ref_images: Sequence[ImageLike], tgt_images: Sequence[ImageLike],
                     src_captions: Sequence[str], tgt_captions: Sequence[str],
@@ -176,16 +188,17 @@ class ClipScorer:
         caption), dir, and instr_tgt (instruction vs target image, CompoDiff) when `instructions`.
         """
         _check_len(ref_images, tgt_images, src_captions, tgt_captions)
-        i0, i1 = self.encode_images(ref_images), self.encode_images(tgt_images)
-        texts = list(src_captions) + list(tgt_captions) + list(instructions or [])
-        t = self.encode_texts(texts)
-        n = len(ref_images)
-        t0, t1 = t[:n], t[n:2 * n]
-        out = {"img_img": self._rowcos(i0, i1), "img_cap_ref": self._rowcos(i0, t0),
-               "img_cap_tgt": self._rowcos(i1, t1), "dir": self._dircos(i0, i1, t0, t1)}
-        if instructions is not None:
-            out["instr_tgt"] = self._rowcos(i1, t[2 * n:])
-        return {k: self._np(v) for k, v in out.items()}
+        with record_threads(self.device):
+            i0, i1 = self.encode_images(ref_images), self.encode_images(tgt_images)
+            texts = list(src_captions) + list(tgt_captions) + list(instructions or [])
+            t = self.encode_texts(texts)
+            n = len(ref_images)
+            t0, t1 = t[:n], t[n:2 * n]
+            out = {"img_img": self._rowcos(i0, i1), "img_cap_ref": self._rowcos(i0, t0),
+                   "img_cap_tgt": self._rowcos(i1, t1), "dir": self._dircos(i0, i1, t0, t1)}
+            if instructions is not None:
+                out["instr_tgt"] = self._rowcos(i1, t[2 * n:])
+            return {k: self._np(v) for k, v in out.items()}
 
 
 ROWS_PER_CALL = 32

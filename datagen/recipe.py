@@ -23,9 +23,11 @@ class TextRuntimeConfig:
     """How an LLM backend runs, not what it writes (batching, device, server, retries, cache).
 
     Kept in its own section so that `identity()` can leave it out: changing concurrency or the
-    server address must not make a dataset look like another recipe's.
+    server address must not make a dataset look like another recipe's. The one exception is
+    transformers' `batch_size`, which changes the sampled text (see `GenRecipe.identity`).
     """
-    batch_size: int = 16            # transformers: prompts per generate() call
+    batch_size: int = 16            # transformers: prompts per generate() call (part of the hash:
+                                    # padding and kernel shapes change the sampled text)
     device: str = "auto"            # transformers: auto = cuda when visible, else cpu
     base_url: str = "http://127.0.0.1:8000/v1"   # openai: the server (e.g. `vllm serve`)
     api_key_env: str = "OPENAI_API_KEY"  # openai: env var holding the key (never in a recipe)
@@ -159,7 +161,8 @@ class DiffusionConfig:
     edit_guidance: list[float] = field(default_factory=lambda: [7.5, 7.5])    # IP2P text CFG
     image_guidance: list[float] = field(default_factory=lambda: [1.2, 2.0])   # IP2P image CFG (edit strength)
     samples_per_prompt: int = 1     # k pairs per candidate; the best by directional similarity is kept
-    pairs_per_call: int = 8         # image pairs per pipeline call (memory); does not change the draws
+    pairs_per_call: int = 8         # image pairs per pipeline call (memory); same draws, but kernel
+                                    # shapes change last bits: part of the hash; every call is padded to it
     retries: int = 1                # redraws of a sample whose image is NaN/black or whose call failed
     safety_checker: bool = False    # load the model's NSFW checker (flagged pairs: image_nsfw)
 
@@ -292,7 +295,8 @@ class FiltersConfig:
 @dataclass
 class PipelineConfig:
     unit_size: int = 500           # kept triplets per work unit (= per shard)
-    batch_size: int = 100          # candidates per stage call; does not change the data
+    batch_size: int = 100          # candidates per stage call; changes the data only with an
+                                   # in-process LLM (transformers, vllm): then part of the hash
     workers: int = 0               # processes; 0 = one per CPU core; does not change the data
 
     def validate(self) -> None:
@@ -315,9 +319,15 @@ class GenRecipe:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def identity(self) -> dict:
-        """What decides the records: not the name, prose, seed, worker count or batch size, and
-        not how a backend runs (device, server, concurrency, cache). Sections of backends the
-        recipe does not use are left out, so adding a backend elsewhere changes no hash."""
+        """What decides the records: not the name, prose, seed or worker count, and not how a
+        backend runs (device, server, concurrency, cache). Sections of backends the recipe does
+        not use are left out, so adding a backend elsewhere changes no hash.
+
+        Batch sizes are left out where records do not depend on them: diffusion calls always hold
+        `pairs_per_call` pairs and CLIP always scores fixed row blocks, whatever
+        `pipeline.batch_size` / `filters.clip.batch_size`. They are part of it for in-process LLM
+        backends (transformers, vllm), whose sampled text depends on the prompts batched together:
+        `pipeline.batch_size`, and transformers' `llm.runtime.batch_size`."""
         d = to_dict(self)
         for k in ("name", "description", "expected_cost", "seed", "kind"):
             d.pop(k)
@@ -325,6 +335,16 @@ class GenRecipe:
         cap, ed, im, fl = d["captions"], d["edits"], d["images"], d["filters"]
         for sec in (cap, ed):
             sec.get("llm", {}).pop("runtime", None)
+        # In-process LLMs batch prompts together, and a prompt's logits (so its sampled text)
+        # depend on the batch it shares (padding, kernel shapes): the batch sizes decide records.
+        # A server (openai) batches as it likes, whatever we send; keywords/rules have no model.
+        backends = {self.edits.backend, self.captions.llm_backend if self.captions.source == "llm" else ""}
+        if backends & {"transformers", "vllm"}:
+            d["pipeline"]["batch_size"] = self.pipeline.batch_size
+        for sec, backend, llm in ((cap, self.captions.llm_backend, self.captions.llm),
+                                  (ed, self.edits.backend, self.edits.llm)):
+            if backend == "transformers" and "llm" in sec:
+                sec["llm"]["runtime"] = {"batch_size": llm.runtime.batch_size}
         if self.captions.source != "llm":
             for k in ("llm", "llm_backend", "topics", "topics_file"):
                 cap.pop(k, None)

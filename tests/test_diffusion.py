@@ -262,9 +262,28 @@ def test_batching_across_candidates(sd):
         build_images(recipe(samples_per_prompt=2, pairs_per_call=4), pipe=sd, scorer=FakeScorer())(batch)
     finally:
         h.remove()
-    # 3 candidates x 2 samples = 6 pairs -> calls of 4 and 2 pairs; UNet batch = 2 CFG x 2 images x pairs
-    assert calls == [16] * STEPS + [8] * STEPS
+    # 3 candidates x 2 samples = 6 pairs -> calls of 4 and 2 pairs, the short one padded to 4 (its
+    # shape must not depend on the batch); UNet batch = 2 CFG x 2 images x pairs
+    assert calls == [16] * STEPS + [16] * STEPS
     assert all(c.kept for c in batch)
+
+
+@pytest.mark.parametrize("backend", ["diffusers-paired", "diffusers-edit"])
+def test_images_do_not_depend_on_the_stage_batch(sd, ip2p, backend):
+    """Case 13: pipeline.batch_size decides how many candidates reach the image stage at once;
+    a candidate's images must be the same bytes whether it came with 3 others or alone."""
+    r = recipe(backend, pairs_per_call=4, guidance="[2.0,9.0]", edit_guidance="[3.0,9.0]",
+               image_guidance="[1.2,2.0]")
+    stage = build_images(r, pipe=sd, edit_pipe=ip2p) if backend == "diffusers-edit" else build_images(r, pipe=sd)
+    together = candidates(4)
+    stage(together)
+    alone = []
+    for c in candidates(4):
+        stage([c])
+        alone.append(c)
+    for a, b in zip(together, alone):
+        assert a.kept and b.kept
+        assert (a.reference_image, a.target_image) == (b.reference_image, b.target_image), a.j
 
 
 def test_samples_per_prompt_needs_a_scorer():

@@ -256,3 +256,31 @@ def test_criterion_scores_take_the_min_of_both_image_caption_scores():
     s = criterion_scores(cols)
     np.testing.assert_allclose(s["img_cap"][:2], [0.2, 0.1])
     assert np.isnan(s["img_cap"][2]) and "img_img" not in s
+
+
+def test_scores_do_not_depend_on_the_torch_thread_count(scorer, images, monkeypatch):
+    """A single-process run keeps torch's default thread count, pool workers run on one thread:
+    the stored scores must be the same bits in both (case 21). The count is restored after."""
+    def scores(threads):
+        torch.set_num_threads(threads)
+        s = scorer.pair_scores(images[:4], images[4:], CAPS, CAPS[::-1], CAPS[1:] + CAPS[:1])
+        assert torch.get_num_threads() == threads
+        return s
+
+    # Whether 1 and 4 threads give other bits depends on the CPU's kernels, so also check the
+    # mechanism: the model always runs on RECORD_THREADS threads, whatever the process has.
+    from datagen.base.threads import RECORD_THREADS
+
+    seen = []
+    for name in ("encode_image", "encode_text"):
+        real = getattr(scorer.model, name)
+        monkeypatch.setattr(scorer.model, name,
+                            lambda x, _real=real: (seen.append(torch.get_num_threads()), _real(x))[1])
+    before = torch.get_num_threads()
+    try:
+        one, four = scores(1), scores(4)
+    finally:
+        torch.set_num_threads(before)
+    for k in one:
+        assert one[k].tobytes() == four[k].tobytes(), k
+    assert seen and set(seen) == {RECORD_THREADS}

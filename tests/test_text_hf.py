@@ -159,3 +159,32 @@ def test_loading_is_safe_by_default_and_accepts_gguf_paths(random_lm, monkeypatc
     assert resolve_model("org/name", "f.gguf") == ("org/name", "f.gguf")
     with pytest.raises(RuntimeError, match="not installed"):
         resolve_model("pypi:no-such-package-xyz", None)
+
+
+def test_batch_sizes_are_in_the_recipe_hash_only_where_they_change_records():
+    """Case 13's kind: a knob that changes records is in the identity, one that does not is not.
+    In-process LLMs sample from logits that depend on the prompts batched together; diffusion
+    calls are padded to pairs_per_call and CLIP scores fixed row blocks, so there the pipeline's
+    and the filter's batch sizes change nothing and stay out of the hash."""
+    from datagen.recipe import load_gen_recipe
+
+    def h(*sets):
+        return load_gen_recipe("shapes-high", list(sets)).hash()
+
+    real = ["captions.source=file", "captions.path=caps.txt"]
+    for backend in ("transformers", "vllm"):
+        llm = real + [f"edits.backend={backend}", "edits.llm.model=m"]
+        assert h(*llm, "pipeline.batch_size=4") != h(*llm, "pipeline.batch_size=1"), backend
+    hf = real + ["edits.backend=transformers", "edits.llm.model=m"]
+    assert h(*hf, "edits.llm.runtime.batch_size=2") != h(*hf, "edits.llm.runtime.batch_size=8")
+    assert h(*hf, "edits.llm.runtime.device=cpu") == h(*hf, "edits.llm.runtime.device=cuda")
+    topics = ["captions.source=llm", "captions.llm_backend=transformers", "captions.llm.model=m",
+              "captions.topics=[cats]", "edits.backend=keywords"]
+    assert h(*topics, "pipeline.batch_size=4") != h(*topics, "pipeline.batch_size=1")
+    oa = real + ["edits.backend=openai", "edits.llm.model=m"]
+    assert h(*oa, "pipeline.batch_size=4") == h(*oa, "pipeline.batch_size=1")
+    assert h(*oa, "edits.llm.runtime.batch_size=2") == h(*oa, "edits.llm.runtime.batch_size=8")
+    sd = real + ["edits.backend=keywords", "images.backend=diffusers-paired", "images.resolution=32"]
+    assert h(*sd, "pipeline.batch_size=4") == h(*sd, "pipeline.batch_size=1")
+    assert h(*sd, "images.diffusion.pairs_per_call=4") != h(*sd, "images.diffusion.pairs_per_call=1")
+    assert h("pipeline.batch_size=7", "filters.clip.batch_size=5") == h()

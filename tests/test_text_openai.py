@@ -14,7 +14,8 @@ import pytest
 from datagen.candidate import Candidate, candidate_seed
 from datagen.edits import build_edits
 from datagen.recipe import load_gen_recipe
-from datagen.text.llm import Request
+from datagen.base.errors import CirgenError
+from datagen.text.llm import Request, TextServerError
 from datagen.text.openai_backend import OpenAIGenerator
 from datagen.text.prompt import EDIT_SCHEMA
 
@@ -95,7 +96,23 @@ class Server:
                 elif mode == "badjson":                # valid protocol, model wrote no JSON
                     self.reply(body, "Sure! The edit is: make it blue")
                 elif mode == "reject":                 # a 4xx: not retried
-                    self.send(400, {"error": "response_format not supported"})
+                    self.send(400, {"object": "error", "code": 400,
+                                    "message": "response_format of type json_schema is not supported"})
+                elif mode == "auth":                   # wrong key, OpenAI's error body
+                    self.send(401, {"error": {"message": "Incorrect API key provided",
+                                              "type": "invalid_request_error", "code": "invalid_api_key"}})
+                elif mode == "invalid":                # FastAPI's validation error body
+                    self.send(422, {"detail": [{"loc": ["body", "seed"], "msg": "value is not an integer"}]})
+                elif mode == "ratelimit":              # 429 asking for 0.3 s, then works
+                    if n <= 1:
+                        data = json.dumps({"error": {"message": "slow down"}}).encode()
+                        self.send_response(429)
+                        self.send_header("Retry-After", "0.3")
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                    else:
+                        self.reply(body, self.good(body))
                 elif mode == "slow":
                     time.sleep(0.15)
                     self.reply(body, self.good(body))
@@ -207,10 +224,55 @@ def test_malformed_replies(server):
     ed(batch)
     assert [c.reject_reason for c in batch] == ["text_malformed"] * 2
     assert batch[0].generator["edits"]["raw"].startswith("Sure!")
-    ed = build_edits(recipe(server.url("reject")))
-    batch = candidates(1)
-    ed(batch)
-    assert batch[0].reject_reason == "text_server_error" and server.hits["reject"] == 1   # 4xx: no retry
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("reject", "HTTP 400 from http://127.0.0.1:{port}/reject/v1/chat/completions: "
+               "response_format of type json_schema is not supported"),
+    ("auth", "HTTP 401 from http://127.0.0.1:{port}/auth/v1/chat/completions: Incorrect API key provided"),
+    ("invalid", "HTTP 422 from http://127.0.0.1:{port}/invalid/v1/chat/completions: value is not an integer"),
+])
+def test_permanent_4xx_stops_at_once_with_the_servers_words(server, mode, words):
+    """A 4xx no retry can fix (bad parameter, wrong key, invalid body) is not a per-candidate
+    reject: every request would get it. The first one stops the stage with one line quoting the
+    status and the server's message; queued requests are not sent."""
+    ed = build_edits(recipe(server.url(mode), "edits.llm.runtime.concurrency=2"))
+    with pytest.raises(TextServerError) as e:
+        ed(candidates(20))
+    assert str(e.value) == words.format(port=server.port)
+    assert isinstance(e.value, CirgenError)
+    assert server.hits[mode] <= 2                       # no retry, nothing more sent after the first answer
+
+
+def test_retry_after_is_honoured(server):
+    gen = OpenAIGenerator(recipe(server.url("ratelimit"), "edits.llm.runtime.concurrency=1").edits.llm)
+    t0 = time.perf_counter()
+    r = gen.generate([Request(seed=1, messages=[{"role": "user", "content": "a cat"}], schema=EDIT_SCHEMA)])
+    assert r[0].error is None and gen.calls == 2
+    assert time.perf_counter() - t0 >= 0.3              # the server's 0.3 s, not backoff_s 0.01
+
+
+def test_backoff_is_deterministic_and_bounded():
+    from datagen.text.openai_backend import _MAX_BACKOFF_S, backoff_wait, retry_after_s
+
+    assert [backoff_wait(k, 1.0, None) for k in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
+    assert backoff_wait(1, 1.0, 5.0) == 5.0 and backoff_wait(3, 1.0, 0.5) == 4.0
+    assert backoff_wait(20, 1.0, None) == _MAX_BACKOFF_S and backoff_wait(1, 1.0, 1e6) == _MAX_BACKOFF_S
+    assert retry_after_s("7") == 7.0 and retry_after_s("soon") is None and retry_after_s(None) is None
+    assert 0 <= retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") <= 0.0 + 1e-9   # a past date: no wait
+
+
+def test_a_server_failing_every_request_stops_the_run(server):
+    """Transient failures are per-candidate rejects (with the server's words kept), but a server
+    that fails _GIVE_UP_AFTER requests in a row after their retries stops the run."""
+    from datagen.text.openai_backend import _GIVE_UP_AFTER
+
+    ed = build_edits(recipe(server.url("err"), "edits.llm.runtime.retries=0", "edits.llm.runtime.concurrency=1"))
+    few = candidates(2)
+    ed(few)
+    assert few[0].generator["edits"]["error"] == f"HTTP 500 from http://127.0.0.1:{server.port}/err/v1/chat/completions: boom"
+    with pytest.raises(TextServerError, match=f"{_GIVE_UP_AFTER} requests in a row failed.*HTTP 500.*boom"):
+        ed(candidates(_GIVE_UP_AFTER))
 
 
 def test_requests_run_concurrently(server):

@@ -112,6 +112,47 @@ def test_truncated_replies_are_their_own_reason():
     assert parse_edit(ok, SRC, "chat", finish_reason="length").ok
 
 
+FINAL = J(instruction="make it at night", edited_caption="a red car parked on a street at night")
+DRAFT = J(instruction="make it red", edited_caption="a red car parked on a street in red")
+
+
+@pytest.mark.parametrize("text", [
+    # case 07: a draft object inside the think block is not the answer
+    f"<think>The reply could be {DRAFT} but red is dull; night is better.</think>\n{FINAL}",
+    # a lone brace in the reasoning does not make the reply malformed
+    f"<think>I will answer with the {{instruction, edited_caption}} object.</think>\n{FINAL}",
+    # a template that opened the block in the prompt: only the closing tag is in the reply
+    f"Let me draft {DRAFT} first.\n</think>\n\n{FINAL}",
+    # other spellings of the block, several blocks, upper case
+    f"<thinking>{DRAFT}</thinking>{FINAL}",
+    f"<THINK>{{</THINK> prose <think>{DRAFT}</think> {FINAL}",
+    # the same object twice in the answer is one answer; other JSON around it is not the answer
+    f"{FINAL}\nAgain: {FINAL}",
+    f'{FINAL} (confidence: {{"score": 0.9}})',
+])
+def test_reasoning_blocks_are_never_the_answer(text):
+    p = parse_edit(text, SRC, "chat")
+    assert p.ok and p.instruction == "make it at night", p.reason
+
+
+def test_unclosed_reasoning_and_ambiguous_answers_have_their_own_reasons():
+    assert parse_edit(f"<think>maybe {DRAFT}", SRC, "chat").reason == "text_reasoning_unclosed"
+    assert parse_edit(f"<think>x</think>{FINAL}<think>{DRAFT}", SRC, "chat").reason == "text_reasoning_unclosed"
+    assert parse_edit(f"<think>maybe {DRAFT}", SRC, "chat", finish_reason="length").reason == "text_truncated"
+    # two different edits in the final answer: which one was meant is a guess, so neither is kept
+    assert parse_edit(f"{DRAFT} or {FINAL}", SRC, "chat").reason == "text_ambiguous"
+    assert parse_edit("<think>x</think>", SRC, "chat").reason == "text_malformed"
+    # completion format and captions strip the block too
+    reply = f"<think>make it red{SEP_EDIT}x</think>make it at night{SEP_EDIT}a red car at night{END}"
+    assert parse_edit(reply, SRC, "completion").instruction == "make it at night"
+    assert parse_edit("<think>make it red", SRC, "completion").reason == "text_reasoning_unclosed"
+    draft_cap = J(caption="a draft caption")
+    assert parse_caption(f'<think>{draft_cap}</think>\n{J(caption="a dog")}', "chat").caption == "a dog"
+    assert parse_caption("<think>a cat</think>\na dog\nTopic: x", "completion").caption == "a dog"
+    assert parse_caption(f'{draft_cap} {J(caption="a dog")}', "chat").reason == "caption_ambiguous"
+    assert parse_caption(f"<think>{draft_cap}", "chat").reason == "caption_reasoning_unclosed"
+
+
 def test_limits_are_configurable_and_format_is_checked():
     text = J(instruction="make the car blue please", edited_caption="a blue car")
     assert parse_edit(text, SRC, "chat", Limits(max_instruction_words=3)).reason == "text_too_long"

@@ -5,16 +5,24 @@ selection by directional similarity, encoding and the `c.generator["images"]` re
 A *sample* is one (reference, target) image pair of a candidate; a candidate gets
 `samples_per_prompt` of them and keeps the best. Samples of all candidates in a stage batch are
 generated together, `pairs_per_call` pairs per pipeline call.
+
+Records do not depend on `pipeline.batch_size` or the worker layout: every call has exactly
+`pairs_per_call` pairs (a short one is padded with copies whose output is thrown away), the
+pipeline's guidance scalar is the recipe's upper bound (not the call's maximum), and CPU calls run
+on a fixed thread count. A sample's images still depend on `pairs_per_call` itself (part of the
+recipe) and, after a runtime error (e.g. CUDA OOM) made a call split in halves, on that split.
+Padding costs compute: choose `pairs_per_call` to divide `batch_size * samples_per_prompt`.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
+from ..base.threads import record_threads
 from ..candidate import Candidate
 from ..recipe import GenRecipe
 from ..world.render import encode
@@ -117,11 +125,17 @@ class DiffusionImages:
     def _run(self, samples: list[Sample], batch: list[Candidate]) -> None:
         n = max(1, self.cfg.pairs_per_call)
         for j in range(0, len(samples), n):
-            self._call(samples[j:j + n], batch)
+            self._call(samples[j:j + n], batch, n)
 
-    def _call(self, chunk: list[Sample], batch: list[Candidate]) -> None:
+    def _call(self, chunk: list[Sample], batch: list[Candidate], rows: int | None = None) -> None:
+        """Generate `chunk`, padded to `rows` samples (copies of the last one, discarded): kernels
+        pick their algorithm and blocking by batch shape, so a short call (the end of a stage
+        batch, retries, a batch_size of 1) would give other last bits than a full one."""
+        pad = [replace(chunk[-1]) for _ in range((rows or 0) - len(chunk))]
         try:
-            self.generate(chunk, batch)
+            # On the CPU, a fixed thread count: images must not depend on the worker layout.
+            with record_threads(getattr(getattr(self, "pipe", None), "device", "cpu")):
+                self.generate(chunk + pad, batch)
         except RuntimeError as e:       # CUDA OOM, kernel or numeric errors: isolate the culprit by halving
             self._free_memory()
             for s in chunk:
@@ -130,6 +144,9 @@ class DiffusionImages:
                 h = len(chunk) // 2
                 self._call(chunk[:h], batch)
                 self._call(chunk[h:], batch)
+                return
+            if pad:                     # maybe the padding did not fit: try the sample alone
+                self._call(chunk, batch)
                 return
             s = chunk[0]
             s.error, s.detail = "image_error", f"{type(e).__name__}: {e}"[:300]

@@ -47,7 +47,7 @@ class DiffusersEdit(DiffusionImages):
         r, cfg = self.images_cfg.resolution, self.cfg
         refs, flags = text_to_image(self.pipe, [batch[s.cand].source_caption for s in samples],
                                     [s.seed for s in samples], [s.guidance for s in samples], cfg.steps, r, r,
-                                    cfg.negative_prompt)
+                                    cfg.negative_prompt, guidance_scale=cfg.guidance[1])
         ok = []
         for j, s in enumerate(samples):
             s.ref = refs[j]
@@ -56,10 +56,14 @@ class DiffusersEdit(DiffusionImages):
                 ok.append(s)
         if not ok:
             return
-        tgts, flags = edit_images(self.edit_pipe, [batch[s.cand].modification_text for s in ok],
-                                  [to_pil(s.ref) for s in ok], [s.edit_seed for s in ok],
-                                  [s.edit_guidance for s in ok], [s.image_guidance for s in ok], cfg.edit_steps,
-                                  cfg.negative_prompt)
+        # The edit call gets as many rows as the reference call (the last good one repeated), so
+        # its shape, and with it a target's last bits, does not depend on how many refs failed.
+        run = ok + [ok[-1]] * (len(samples) - len(ok))
+        tgts, flags = edit_images(self.edit_pipe, [batch[s.cand].modification_text for s in run],
+                                  [to_pil(s.ref) for s in run], [s.edit_seed for s in run],
+                                  [s.edit_guidance for s in run], [s.image_guidance for s in run], cfg.edit_steps,
+                                  cfg.negative_prompt, guidance_scale=cfg.edit_guidance[1],
+                                  image_guidance_scale=cfg.image_guidance[1])
         for j, s in enumerate(ok):
             s.tgt = tgts[j]
             if flags is not None and flags[j]:

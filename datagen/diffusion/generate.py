@@ -4,7 +4,9 @@ can be detected) and per-image NSFW flags (None when the pipeline has no safety 
 
 Determinism: one CPU `torch.Generator` per image, seeded from the sample's seed; both images of a
 pair get generators with the *same* seed, so they start from the same latents and, with an
-ancestral sampler, receive the same noise at every step.
+ancestral sampler, receive the same noise at every step. The backends pass the recipe's guidance
+upper bounds as the pipeline's scalars, so the per-image rescaling (guidance.py) does not depend
+on which samples share a call.
 """
 from __future__ import annotations
 
@@ -28,12 +30,25 @@ def _flags(out, n: int) -> list[bool] | None:
     return None if f is None else [bool(x) for x in f][:n]
 
 
+def _pipeline_scale(scales: Sequence[float], fixed: float | None) -> float:
+    """The scalar the pipeline is called with: `fixed` (the recipe's upper bound: an image then
+    does not depend on which other samples share its call) or, without one, the call's maximum."""
+    top = max(float(g) for g in scales)
+    if fixed is None:
+        return top
+    if top > fixed:
+        raise ValueError(f"guidance {top} is above the pipeline scale {fixed}")
+    return float(fixed)
+
+
 def text_to_image(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: Sequence[float], steps: int,
                   height: int, width: int, negative_prompt: str = "",
-                  share: ShareState | None = None) -> tuple[np.ndarray, list[bool] | None]:
-    """One batched call of a text-to-image pipeline (SD 1.x/2.x, SDXL), guidance per image."""
+                  share: ShareState | None = None,
+                  guidance_scale: float | None = None) -> tuple[np.ndarray, list[bool] | None]:
+    """One batched call of a text-to-image pipeline (SD 1.x/2.x, SDXL), guidance per image.
+    `guidance_scale`: the pipeline's scalar (>= every per-image scale); default their maximum."""
     n = len(prompts)
-    g_max = max(float(g) for g in guidance)
+    g_max = _pipeline_scale(guidance, guidance_scale)
     kw = {}
     if share is not None:
         kw["callback_on_step_end"] = share.callback
@@ -51,24 +66,27 @@ def text_to_image(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: 
 
 def generate_pairs(pipe, sources: Sequence[str], targets: Sequence[str], seeds: Sequence[int],
                    fractions: Sequence[float], guidance: Sequence[float], steps: int, height: int, width: int,
-                   mode: str = "attention", negative_prompt: str = ""):
+                   mode: str = "attention", negative_prompt: str = "", guidance_scale: float | None = None):
     """IP2P paired generation of n pairs in one call. Returns (sources [n,H,W,3], targets, nsfw flags
     [n] or None, shared steps per pair)."""
     prompts = [p for pair in zip(sources, targets) for p in pair]      # adjacent pairs, see attention.py
     share = ShareState(fractions, mode)
     imgs, flags = text_to_image(pipe, prompts, [s for s in seeds for _ in (0, 1)],
-                                [g for g in guidance for _ in (0, 1)], steps, height, width, negative_prompt, share)
+                                [g for g in guidance for _ in (0, 1)], steps, height, width, negative_prompt, share,
+                                guidance_scale)
     pair_flags = None if flags is None else [a or b for a, b in zip(flags[0::2], flags[1::2])]
     return imgs[0::2], imgs[1::2], pair_flags, share.shared_steps(steps)
 
 
 def edit_images(pipe, instructions: Sequence[str], images: Sequence[Image.Image], seeds: Sequence[int],
                 guidance: Sequence[float], image_guidance: Sequence[float], steps: int,
-                negative_prompt: str = "") -> tuple[np.ndarray, list[bool] | None]:
-    """One batched InstructPix2Pix call; text and image guidance per image."""
+                negative_prompt: str = "", guidance_scale: float | None = None,
+                image_guidance_scale: float | None = None) -> tuple[np.ndarray, list[bool] | None]:
+    """One batched InstructPix2Pix call; text and image guidance per image (the pipeline's
+    scalars: `guidance_scale` / `image_guidance_scale`, default the per-image maxima)."""
     n = len(instructions)
-    g_max = max(float(g) for g in guidance)
-    h_max = max(float(h) for h in image_guidance)
+    g_max = _pipeline_scale(guidance, guidance_scale)
+    h_max = _pipeline_scale(image_guidance, image_guidance_scale)
     kw = {"negative_prompt": [negative_prompt] * n} if negative_prompt else {}
     with ExitStack() as stack:
         if g_max > 1 and h_max >= 1:          # the pipeline's own condition for 3-way CFG

@@ -47,7 +47,7 @@ class DiffusersPaired(DiffusionImages):
         src, tgt, flags, shared = generate_pairs(
             self.pipe, [batch[s.cand].source_caption for s in samples], [batch[s.cand].target_caption for s in samples],
             [s.seed for s in samples], [s.p for s in samples], [s.guidance for s in samples], self.cfg.steps, r, r,
-            self.cfg.share, self.cfg.negative_prompt)
+            self.cfg.share, self.cfg.negative_prompt, guidance_scale=self.cfg.guidance[1])
         for j, s in enumerate(samples):
             s.ref, s.tgt, s.shared_steps = src[j], tgt[j], shared[j]
             if flags is not None and flags[j]:

@@ -13,6 +13,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+from ..base.threads import record_threads
 from .llm import Reply, Request
 
 _LOCK = threading.Lock()
@@ -180,7 +181,9 @@ class TransformersGenerator:
                               stop_strings=stops or None)
         sampler = _sampler_class()([r.seed for r in requests], self.cfg.temperature, self.cfg.top_p,
                                    str(lm.device))
-        with torch.inference_mode():
+        # On the CPU, a fixed thread count: a logit's last bits (and so a sampled token) must not
+        # depend on the worker layout.
+        with torch.inference_mode(), record_threads(lm.device):
             seqs = lm.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([sampler]),
                                tokenizer=tok if stops else None)
         new = seqs[:, enc["input_ids"].shape[1]:].tolist()

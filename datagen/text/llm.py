@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..base.errors import CirgenError
 from ..candidate import Candidate
 from .prompt import (EDIT_SCHEMA, END, Limits, edit_messages, edit_prompt, load_edit_examples,
                      parse_edit, pick_examples)
@@ -36,6 +37,12 @@ class Reply:
     text: str = ""
     finish_reason: str = "stop"            # "stop" or "length" (truncated)
     error: str | None = None               # "server_error" or "timeout": no text at all
+    detail: str | None = None              # with `error`: what the server said (status, message)
+
+
+class TextServerError(CirgenError, RuntimeError):
+    """A text server refused in a way no retry fixes (bad request, auth, unknown model), or kept
+    failing; the message is one line with the URL, the HTTP status and the server's own words."""
 
 
 class TextGenerator(Protocol):
@@ -76,7 +83,9 @@ class LLMEditor:
 
     Every candidate gets exactly one outcome: its fields, or a counted reject reason
     (text_malformed / text_empty / text_too_long / text_noop / text_truncated /
-    text_server_error / text_timeout)."""
+    text_reasoning_unclosed / text_ambiguous / text_server_error / text_timeout); a server
+    error's own words are kept in `generator["edits"]["error"]`. A `TextServerError` from the
+    backend (a request no retry can fix) stops the stage."""
 
     def __init__(self, recipe, generator: TextGenerator | None = None):
         cfg = recipe.edits
@@ -109,6 +118,8 @@ class LLMEditor:
             for c, (_, meta), r in zip(todo, built, replies):
                 c.generator["edits"] = {**info, **meta, "attempt": attempt + 1}
                 reason = f"text_{r.error}" if r.error else None
+                if r.error and r.detail:
+                    c.generator["edits"]["error"] = r.detail
                 if reason is None:
                     p = parse_edit(r.text, c.source_caption, fmt, self.limits, r.finish_reason)
                     if p.ok:

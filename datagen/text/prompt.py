@@ -8,8 +8,12 @@ Two wire formats, one per kind of model:
   `caption\\n##\\n` -> `instruction\\n%%\\nedited caption\\nEND`.
 
 `parse_edit` turns any backend's reply into (instruction, edited caption) or a reject reason
-(`text_malformed`, `text_empty`, `text_too_long`, `text_noop`, `text_truncated`); the caller
-counts it with `Candidate.reject`. Model output is only ever parsed as data (json.loads), never run.
+(`text_malformed`, `text_empty`, `text_too_long`, `text_noop`, `text_truncated`,
+`text_reasoning_unclosed`, `text_ambiguous`); the caller counts it with `Candidate.reject`.
+Reasoning blocks (`<think>...</think>`) are never read as the answer: a draft object inside one is
+not the edit. In the final answer, the one object with the expected keys is the answer; two
+different such objects are `ambiguous` (rejected, not guessed). Model output is only ever parsed
+as data (json decoding), never run.
 The caption task (captions.source: llm) follows the same pattern with `caption_*` reasons.
 """
 from __future__ import annotations
@@ -180,21 +184,60 @@ def caption_prompt(topic: str, examples: list[CaptionExample]) -> str:
 
 # ---- the parser ---------------------------------------------------------------------------------
 
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 _MARKERS = ("##", "%%")   # format markers that must not leak into a field
+# Reasoning models (DeepSeek-R1, Qwen3, ...) think before answering. Chat templates that open the
+# block in the prompt leave only the closing tag in the reply, so a lone closer counts too.
+_THINK_TAGS = ("think", "thinking", "reasoning")
+_THINK_OPEN = re.compile(r"<(%s)>" % "|".join(_THINK_TAGS), re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</(%s)>" % "|".join(_THINK_TAGS), re.IGNORECASE)
 
 
-def _json_object(text: str) -> dict | None:
-    """The first JSON object in `text` (code fences and surrounding prose tolerated), or None."""
-    t = _FENCE.sub("", text.strip())
-    start = t.find("{")
-    if start < 0:
+def final_answer(text: str) -> str | None:
+    """`text` without its reasoning blocks (`<think>...</think>`, also `<thinking>`,
+    `<reasoning>`), i.e. the model's final answer; None when a block is never closed (the answer
+    cannot be told from the reasoning). Everything before a closing tag is reasoning, including
+    a reply that starts inside a block its chat template opened."""
+    close = None
+    for close in _THINK_CLOSE.finditer(text):
+        pass
+    rest = text if close is None else text[close.end():]
+    if _THINK_OPEN.search(rest):
         return None
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(t[start:])
-    except json.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
+    return rest
+
+
+def _json_objects(text: str) -> list[dict]:
+    """Every complete top-level JSON object in `text`, left to right (prose, code fences and a
+    stray `{` around them tolerated; nothing is ever evaluated, only `json` decoding)."""
+    dec = json.JSONDecoder()
+    out, i = [], text.find("{")
+    while i >= 0:
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i = text.find("{", i + 1)
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+        i = text.find("{", end)
+    return out
+
+
+def _answer_object(text: str, keys: tuple[str, ...]) -> tuple[dict | None, str | None]:
+    """(the reply's answer object, None) or (None, why): "reasoning_unclosed" for a think block
+    never closed, "ambiguous" when the final answer holds two different objects with all of
+    `keys` (which one the model meant is a guess), "no_object" when it holds no JSON object. A
+    single answer-shaped object wins over other JSON around it; repeats of one object are one."""
+    answer = final_answer(text)
+    if answer is None:
+        return None, "reasoning_unclosed"
+    objs = _json_objects(answer)
+    if not objs:
+        return None, "no_object"
+    shaped = [o for o in objs if all(k in o for k in keys)]
+    if len({json.dumps(o, sort_keys=True) for o in shaped}) > 1:
+        return None, "ambiguous"
+    return (shaped or objs)[-1], None
 
 
 def _words(text: str) -> int:
@@ -212,15 +255,23 @@ def parse_edit(text: str, source_caption: str, fmt: str, limits: Limits = Limits
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}")
     text = text or ""
+    if finish_reason == "length" and final_answer(text) is None:
+        return Parsed(reason="text_truncated")          # ran out of tokens while reasoning
     if fmt == "chat":
-        obj = _json_object(text)
-        if obj is None:
+        obj, why = _answer_object(text, ("instruction", "edited_caption"))
+        if why == "no_object":
             return Parsed(reason="text_truncated" if finish_reason == "length" else "text_malformed")
+        if obj is None:
+            return Parsed(reason=f"text_{why}")
         ins, out = obj.get("instruction"), obj.get("edited_caption")
         if not isinstance(ins, str) or not isinstance(out, str):
             return Parsed(reason="text_malformed")
         ins, out = " ".join(ins.split()), " ".join(out.split())
     else:
+        answer = final_answer(text)
+        if answer is None:
+            return Parsed(reason="text_reasoning_unclosed")
+        text = answer
         cut = text.find(END)
         if cut >= 0:
             text = text[:cut]
@@ -248,15 +299,24 @@ def parse_caption(text: str, fmt: str, max_words: int = 77, finish_reason: str =
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}")
     text = text or ""
+    if finish_reason == "length" and final_answer(text) is None:
+        return Parsed(reason="caption_truncated")
     if fmt == "chat":
-        obj = _json_object(text)
-        if obj is None:
+        obj, why = _answer_object(text, ("caption",))
+        if why == "no_object":
             return Parsed(reason="caption_truncated" if finish_reason == "length" else "caption_malformed")
+        if obj is None:
+            return Parsed(reason=f"caption_{why}")
         cap = obj.get("caption")
         if not isinstance(cap, str):
             return Parsed(reason="caption_malformed")
         cap = " ".join(cap.split())
     else:
+        answer = final_answer(text)
+        if answer is None:
+            return Parsed(reason="caption_reasoning_unclosed")
+        # After a reasoning block the answer starts on a later line.
+        text = answer if len(answer) == len(text) else answer.lstrip()
         nl = text.find("\n")
         if nl >= 0:
             text = text[:nl]

@@ -341,6 +341,8 @@ class LLMCaptions:
         for c, r, m in zip(batch, replies, meta):
             c.generator["captions"] = {**info, **m}
             if r.error:
+                if r.detail:
+                    c.generator["captions"]["error"] = r.detail
                 c.reject(f"caption_{r.error}")
                 continue
             p = parse_caption(r.text, fmt, self.max_words, r.finish_reason)
