@@ -12,6 +12,7 @@ each by temp file + rename, so a kill at any moment leaves a consistent pair.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -125,9 +126,13 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
+    if n_items < world:
+        raise ValueError(f"{n_items} items cannot fill a batch on {world} ranks")
+    if n_items < cfg.batch_size:
+        # Fewer items than one batch (a small quantity in a data study): every step sees them all.
+        cfg = dataclasses.replace(cfg, batch_size=n_items - n_items % world)
+        log(f"{n_items} items is less than one batch: batch_size {cfg.batch_size} (all items every step)")
     steps_per_epoch = n_items // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{n_items} items is less than one batch of {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs
     opt = make_optimizer(params, cfg)
     step = 0
