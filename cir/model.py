@@ -147,13 +147,28 @@ class RunModel:
         self.cache_key = f"{name}:{self.cache.model_key}"
 
     def _features(self, paths: list[Path], patches: bool):
-        from datagen.config import stable_hash
-
         from .data import open_image
 
-        ids = [str(p) for p in paths]
-        return self.cache.image_features(f"files-{stable_hash(ids)}", len(paths),
-                                         lambda i: open_image(paths[i], str(paths[i])), ids, patches=patches)
+        # Keyed on the files' content (not their path strings): another copy of a benchmark, or
+        # images replaced in place, get their own features.
+        return self.cache.files_features(paths, lambda i: open_image(paths[i], str(paths[i])), patches=patches)
+
+    def prompt_problems(self, prompts: list[str]) -> dict[int, str]:
+        """{index: why} for prompts this model cannot encode as written: the placeholder no
+        longer appears once the text is cut to the tokenizer's context length."""
+        from .clip import PLACEHOLDER, PLACEHOLDER_ID
+
+        clip = self.model.clip
+        out: dict[int, str] = {}
+        for s in range(0, len(prompts), 1024):
+            chunk = prompts[s:s + 1024]
+            has = (clip.tokenize([expand_placeholder(p, self.model.n_tokens) for p in chunk])
+                   == PLACEHOLDER_ID).any(dim=1)
+            for i, p in enumerate(chunk):
+                if PLACEHOLDER in p and not bool(has[i]):
+                    out[s + i] = (f"the text pushes the {PLACEHOLDER} placeholder past the "
+                                  f"{clip.context_length}-token text context")
+        return out
 
     @torch.no_grad()
     def encode_images(self, paths: list[Path]) -> torch.Tensor:

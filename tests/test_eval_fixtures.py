@@ -43,6 +43,12 @@ class FakeModel:
             out[r, self.index[Path(p).stem]] = 1.0
         return out
 
+    max_prompt_words: int | None = None   # prompt_problems: longer prompts "lose" the placeholder
+
+    def prompt_problems(self, prompts):
+        n = self.max_prompt_words
+        return {i: "placeholder cut" for i, p in enumerate(prompts) if n is not None and len(p.split()) > n}
+
     def encode_queries(self, ref_paths, prompts):
         self.prompts += list(prompts)
         rows = []

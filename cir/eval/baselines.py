@@ -7,11 +7,13 @@
   (the text after `$` and its connective: "is red"), renormalised.
 
 `resolve_model` returns one of these by name, or lazily loads a trained run through
-`cir.model.load_run(spec)`. Features are cached in memory per image path; the cache key records
+`cir.model.load_run(spec)`. Features are cached in memory per image file version (absolute path,
+inode, size, mtime, ctime); the model's `cache_key` records
 the CLIP weights and the preprocessing, so the harness can print where the numbers came from.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -66,29 +68,39 @@ class ClipBaseline:
         self.name = mode
         pre = preprocess if preprocess == "clip" else f"{preprocess}{target_ratio}"
         self.cache_key = f"{clip.name}@{clip.weights_id}/{pre}"
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def _load(self, path: Path):
-        from PIL import Image
+        from datagen.base.images import open_image
 
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - name the file whatever PIL raised
-            raise EvalError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        img = open_image(path, str(path))      # ImageError (one line) naming the file
         if self.preprocess_mode == "targetpad":
             img = targetpad(img, self.target_ratio)
         return self.clip.preprocess(img)
 
+    def prompt_problems(self, prompts: list[str]) -> dict[int, str]:
+        """{}: the baselines have no placeholder to lose (long text is cut, as open_clip does)."""
+        return {}
+
+    @staticmethod
+    def _key(p: Path) -> tuple:
+        # The file as it is now (absolute path and version), not the path string: the same
+        # relative path in another folder, or a file rewritten in place, is read again.
+        try:
+            st = os.stat(p)
+            return (os.path.abspath(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            return (os.path.abspath(p),)
+
     @torch.no_grad()
     def encode_images(self, paths: list[Path]) -> torch.Tensor:
-        keys = [str(p) for p in paths]
-        todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        keys = [self._key(Path(p)) for p in paths]
+        todo = [(k, p) for k, p in dict(zip(keys, paths)).items() if k not in self._cache]
         for s in range(0, len(todo), self.batch_size):
             chunk = todo[s:s + self.batch_size]
-            x = torch.stack([self._load(Path(k)) for k in chunk]).to(self.device)
+            x = torch.stack([self._load(Path(p)) for _, p in chunk]).to(self.device)
             f = self.clip.model.encode_image(x, normalize=True).float().cpu()
-            self._cache.update(zip(chunk, f))
+            self._cache.update(zip([k for k, _ in chunk], f))
         if not keys:
             return torch.empty(0, 0)
         return torch.stack([self._cache[k] for k in keys])

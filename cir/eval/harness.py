@@ -22,7 +22,10 @@ import torch
 
 from . import EvalError
 from . import metrics as M
-from .benchmarks import CheckLevel, Task, drop_bad_images, find_bad_images, integrity_error, load_benchmark
+from datagen.base.errors import CirgenError
+
+from .benchmarks import (Benchmark, CheckLevel, Task, drop_bad_images, drop_queries, find_bad_images,
+                         integrity_error, load_benchmark, query_text_problems)
 from .protocol import Protocol, circo_text
 
 
@@ -39,6 +42,11 @@ class CIRModel(typing.Protocol):
     def encode_queries(self, ref_paths: list[Path], prompts: list[str]) -> torch.Tensor:
         """[Q, D] composed-query features; each prompt has `$` where the reference's pseudo-word
         goes (no `$` under template "none")."""
+        ...
+
+    def prompt_problems(self, prompts: list[str]) -> dict[int, str]:
+        """{index: why} for prompts the model cannot encode as written (e.g. the placeholder cut
+        off by the text context length); {} for models without a placeholder."""
         ...
 
 
@@ -89,6 +97,9 @@ class EvalResult:
             lines.append(f"integrity: {integ['bad_images']} bad images; {integ['queries_dropped']} of "
                          f"{integ['queries_total']} queries dropped, {integ['queries_changed']} changed "
                          f"({integ['handling']})")
+        if integ.get("queries_unusable"):
+            lines.append(f"integrity: {integ['queries_unusable']} queries dropped whose text cannot be "
+                         f"encoded (first: {'; '.join(integ['unusable_examples'][:3])})")
         lines += self.notes
         lines.append(_metric_table(self.dataset, self.metrics))
         lines += [f"submission: {p}" for p in self.submission]
@@ -213,6 +224,11 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
         bench, report = drop_bad_images(bench, bad)
         integrity.update(report)
         log(f"integrity: {report['bad_images']} bad images, {report['queries_dropped']} queries dropped")
+    text_problems = query_problems(model, kind, bench, protocol)
+    if text_problems:
+        bench, report = drop_queries(bench, text_problems, protocol.missing == "drop")
+        integrity.update(report)
+        log(f"integrity: {report['queries_unusable']} queries dropped whose text cannot be encoded")
     seconds = {"load": time.perf_counter() - t0}
     metrics: dict[str, float] = {}
     per_cat: dict[str, dict[int, float]] = {}
@@ -244,8 +260,37 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
                       notes, rankings if options.keep_rankings else {})
 
 
+def query_problems(model: CIRModel, kind: str, bench: Benchmark, protocol: Protocol) -> dict[tuple[str, str], str]:
+    """{(task name, query id): why} for every query that cannot be encoded as the protocol writes
+    it: no caption text, or a prompt the model refuses (`prompt_problems`: e.g. the placeholder cut
+    off by the text context length)."""
+    problems = query_text_problems(bench)
+    for task in bench.tasks:
+        prompts = query_prompts(kind, task, protocol)
+        flat = [(q, p) for q, ps in zip(task.queries, prompts) for p in ps]
+        for i, why in model.prompt_problems([p for _, p in flat]).items():
+            problems.setdefault((task.name, flat[i][0].qid), why)
+    return problems
+
+
 def _rank_task(model: CIRModel, kind: str, task: Task, protocol: Protocol, options: EvalOptions,
                seconds: dict, log) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    try:
+        return _rank_task_inner(model, kind, task, protocol, options, seconds, log)
+    except EvalError:
+        raise
+    except CirgenError as e:
+        # An image the integrity check passed failed when the model read it (a corrupt file whose
+        # header and end look fine): one line, with the way to find and drop every such file.
+        if options.check == "decode":
+            raise EvalError(str(e)) from None
+        raise EvalError(f"{e} (the --check {options.check} integrity check did not catch it: rerun "
+                        "with --check decode to find every unreadable image, and --allow-missing to "
+                        "drop the queries that need them)") from None
+
+
+def _rank_task_inner(model: CIRModel, kind: str, task: Task, protocol: Protocol, options: EvalOptions,
+                     seconds: dict, log) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     t = time.perf_counter()
     log(f"{task.name}: encoding {len(task.gallery)} gallery images")
     gal = _check_features(model.encode_images([task.paths[g] for g in task.gallery]),
