@@ -5,7 +5,7 @@ image loader version: `FeatureCache.model_key`) and the dataset's content id (`d
 from the images' bytes: `content_id`, never from path strings, so a second copy of a benchmark with
 the same file names, or images replaced in place, get their own entry). Files are hashed once per
 version: `FileDigests` remembers each file's content hash keyed on (absolute path, inode, size,
-mtime, ctime) in `<cache>/file-digests.sqlite`; a rewritten file changes its ctime, so it is
+mtime, ctime) in `<cache>/.file-digests.sqlite`; a rewritten file changes its ctime, so it is
 hashed again. Entries are `.npy` files (global embeddings fp32, patch tokens fp16,
 memory-mapped on read). An entry is written to a temp folder `<name>.tmp<pid>@<host>` and
 renamed when complete, so an interrupted computation never leaves a half entry behind; the temp
@@ -88,14 +88,15 @@ def digest_bytes(data: bytes) -> str:
 class FileDigests:
     """Content hashes of files, each computed once per file version.
 
-    The memo (`<root>/file-digests.sqlite`) maps an absolute path to (inode, size, mtime_ns,
-    ctime_ns, digest); a row is used only while all four still match, so a file replaced or
-    rewritten in place (its ctime changes even when size and mtime are restored) is hashed again.
+    The memo (`<root>/.file-digests.sqlite`, a dot name beside the model folders) maps an absolute
+    path to (inode, size, mtime_ns, ctime_ns, digest); a row is used only while all four still
+    match, so a file replaced or rewritten in place (its ctime changes even when size and mtime are
+    restored) is hashed again.
     Without a writable cache folder it hashes every time (still correct, only slower).
     """
 
     def __init__(self, root: str | Path | None = None):
-        self.path = Path(root or default_cache_root()) / "file-digests.sqlite"
+        self.path = Path(root or default_cache_root()) / ".file-digests.sqlite"
         self.hashed = 0          # files read and hashed by this instance (for tests)
 
     def _connect(self):

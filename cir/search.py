@@ -1,4 +1,7 @@
-"""Retrieval API: index a folder of images once (features cached), query with (image, text)."""
+"""Retrieval API: index a folder of images once (features cached), query with (image, text).
+
+Images are read by the project's one loader (through `RunModel`: EXIF orientation, 16-bit,
+transparency on white) and their features cached by content, so a changed file is re-encoded."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +10,7 @@ import torch
 
 from .model import RunModel, load_run
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class GalleryIndex:
@@ -16,10 +19,15 @@ class GalleryIndex:
 
     @classmethod
     def build(cls, run: str | Path, gallery: str | Path, model: RunModel | None = None) -> "GalleryIndex":
+        """Index every image file under `gallery` (recursively, sorted); InputError when there is none."""
+        from datagen.base.errors import InputError
+
         gallery = Path(gallery)
-        paths = sorted(p for p in gallery.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not gallery.is_dir():
+            raise InputError(f"{gallery}: gallery folder not found")
+        paths = sorted(p for p in gallery.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
-            raise FileNotFoundError(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise InputError(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         model = model or load_run(run)
         return cls(model, paths, model.encode_images(paths))
 

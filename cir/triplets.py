@@ -7,7 +7,6 @@ Missing or corrupt images are an error naming the file and row, or a counted ski
 """
 from __future__ import annotations
 
-import io
 import json
 import operator
 import re
@@ -133,8 +132,8 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
         if problem is None:
             for b, which in ((ref, "reference"), (tgt, "target")):
                 try:
-                    Image.open(io.BytesIO(b)).verify()
-                except Exception:
+                    open_image(b, where[i])      # the one loader: also catches truncated data
+                except DataError:
                     problem = f"corrupt {which} image"
         if problem is None and not (r.get("modification_text") or "").strip():
             problem = "empty modification_text"

@@ -187,8 +187,11 @@ def encode_queries(model: CIRModel, task: Task, prompts: list[list[str]], batch:
 
 def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val",
              protocol: Protocol | None = None, options: EvalOptions | None = None,
-             log: Callable[[str], None] = lambda s: None) -> EvalResult:
-    """Evaluate `model` on `dataset` at `root` under `protocol`; see EvalResult."""
+             log: Callable[[str], None] = lambda s: None, bench: Benchmark | None = None) -> EvalResult:
+    """Evaluate `model` on `dataset` at `root` under `protocol`; see EvalResult.
+
+    `bench`: the benchmark already read by `load_benchmark(dataset, root, split, protocol)` (the
+    CLI reads it before loading the model, so annotation errors come first); None reads it here."""
     options = options or EvalOptions()
     protocol = protocol or Protocol()
     try:
@@ -208,7 +211,8 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
         raise EvalError(f"model {model.name} preprocesses with {used!r} but the protocol says "
                         f"{protocol.preprocess!r}: set preprocess={used} or rebuild the model")
     t0 = time.perf_counter()
-    bench = load_benchmark(dataset, root, split, protocol)
+    if bench is None:
+        bench = load_benchmark(dataset, root, split, protocol)
     if not bench.labelled and kind == "fashioniq":
         raise EvalError("FashionIQ test has no targets and no public server: evaluate on val")
     if not bench.labelled and options.submission is None:

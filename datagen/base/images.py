@@ -38,10 +38,11 @@ class ImageError(CirgenError, ValueError):
     """An image that cannot be read; the message names the file (or row) and says why."""
 
 
-def open_image(source: ImageSource, where: str | None = None):
+def open_image(source: ImageSource, where: str | None = None, draft: tuple[int, int] | None = None):
     """Decode `source` (encoded bytes or a file path) into an RGB `PIL.Image.Image`.
 
-    `where` names the image in messages (default: the path, or "image bytes"). Raises
+    `where` names the image in messages (default: the path, or "image bytes"). `draft`: let a
+    JPEG decode at a reduced scale no smaller than (width, height) (thumbnails: much faster). Raises
     `ImageError` for a missing or unreadable file, a non-image, a truncated file, a decompression
     bomb (more than 2 x `PIL.Image.MAX_IMAGE_PIXELS`) or a mode PIL cannot turn into RGB.
     """
@@ -57,6 +58,8 @@ def open_image(source: ImageSource, where: str | None = None):
         raise ImageError(f"{where}: image cannot be read ({e.strerror or e})") from None
     try:
         with fp, Image.open(fp) as im:
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", draft)
             im.load()                           # decodes every pixel: truncation raises here
             im = ImageOps.exif_transpose(im)    # a copy, detached from the file
             return to_rgb(im)
