@@ -187,17 +187,22 @@ def eval_cmd(model_spec, dataset, root, split, submission, out_dir, as_json, all
     """Evaluate a model on FashionIQ, CIRR, CIRCO or a shapes benchmark (protocol printed with the numbers)."""
     from datagen.config import ConfigError
     from cir.eval import EvalError
-    from cir.eval.baselines import resolve_model
-    from cir.eval.harness import EvalOptions, evaluate, write_results
+    from cir.eval.benchmarks import load_benchmark
     from cir.eval.protocol import build_protocol
 
     log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
     try:
         protocol = build_protocol(list(overrides))
+        # The annotations first (torch not yet imported): a bad entry, or a path that leaves the
+        # root, is refused before the model loads and before any image is opened.
+        bench = load_benchmark(dataset, root, split, protocol)
+        from cir.eval.baselines import resolve_model
+        from cir.eval.harness import EvalOptions, evaluate, write_results
+
         model = resolve_model(model_spec, clip_name, weights, protocol.preprocess, protocol.target_ratio)
         result = evaluate(model, dataset, root, split, protocol,
                           EvalOptions(allow_missing=allow_missing, check=check, submission=submission,
-                                      keep_rankings=report_dir is not None), log=log)
+                                      keep_rankings=report_dir is not None), log=log, bench=bench)
         files = write_results(result, out_dir) if out_dir else []
         if report_dir is not None:
             from cir.eval.report import write_eval_report
@@ -284,7 +289,8 @@ def study(recipe, out, overrides) -> None:
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--text", required=True, help="Modification text.")
 @click.option("--top-k", default=10, show_default=True)
-@click.option("--prompt", default="a photo of $ that {}", show_default=True)
+@click.option("--prompt", default="a photo of * that {}", show_default=True,
+              help="Query template: `*` is where the reference image's pseudo-word goes, `{}` the text.")
 @click.option("--json", "as_json", is_flag=True)
 def search(model_run, gallery, image, text, top_k, prompt, as_json) -> None:
     """Composed retrieval: find gallery images matching (reference image, modification text)."""

@@ -8,7 +8,6 @@ Bad rows are an error naming file and row, or a counted skip when `on_error="ski
 from __future__ import annotations
 
 import csv
-import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from datagen.base.errors import CirgenError
-from datagen.config import stable_hash
+from datagen.base.images import ImageError
+from datagen.base.images import open_image as _open_image
 
 
 class DataError(CirgenError, ValueError):
@@ -39,12 +39,13 @@ class DataConfig:
 
 
 def open_image(data: bytes | str | Path, where: str) -> Image.Image:
+    """RGB pixels of an image (bytes or path) by the project's one loader
+    (`datagen.base.images.open_image`: EXIF orientation, 16-bit, alpha on white, truncation);
+    raises `DataError` naming `where`."""
     try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
-        img.load()
-        return img.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise DataError(f"{where}: image cannot be decoded ({type(e).__name__}: {e})") from None
+        return _open_image(data, where)
+    except ImageError as e:
+        raise DataError(str(e)) from None
 
 
 class ShapesImageCaptions:
@@ -105,7 +106,24 @@ class _TableSource:
         self._where = [where[k] for k in keep]
         self.ids = [ids[k] for k in keep]
         self.image_root = image_root
-        self.dataset_id = f"{name}-{stable_hash(self.ids)}"
+        self._name = name
+        self._content_id: str | None = None
+
+    @property
+    def dataset_id(self) -> str:
+        """What the images are (their bytes, in order), for feature-cache keys: not the file or
+        row names, which another dataset can share."""
+        if self._content_id is None:
+            from .features import content_id
+
+            items = []
+            for i in range(len(self.ids)):
+                try:
+                    items.append(self._source(i))
+                except DataError:
+                    items.append(None)      # escapes its root: reported when the row is read
+            self._content_id = f"{self._name}-{content_id(items)}"
+        return self._content_id
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -113,7 +131,7 @@ class _TableSource:
     def caption(self, i: int) -> str:
         return self._captions[i]
 
-    def image(self, i: int) -> Image.Image:
+    def _source(self, i: int) -> bytes | Path:
         data = self._images[i]
         if isinstance(data, dict):
             data = data.get("bytes") or data.get("path")
@@ -124,7 +142,10 @@ class _TableSource:
                 if self.image_root.resolve() not in p.parents:
                     raise DataError(f"{self._where[i]}: image path {data!r} escapes {self.image_root}")
             data = p
-        return open_image(data, self._where[i])
+        return data
+
+    def image(self, i: int) -> Image.Image:
+        return open_image(self._source(i), self._where[i])
 
 
 def _parquet(cfg: DataConfig) -> _TableSource:

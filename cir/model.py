@@ -159,13 +159,20 @@ class RunModel:
         self.cache_key = f"{name}:{self.cache.model_key}"
 
     def _features(self, paths: list[Path], patches: bool):
-        from datagen.config import stable_hash
-
         from .data import open_image
 
-        ids = [str(p) for p in paths]
-        return self.cache.image_features(f"files-{stable_hash(ids)}", len(paths),
-                                         lambda i: open_image(paths[i], str(paths[i])), ids, patches=patches)
+        # Keyed on the files' content (not their path strings): another copy of a benchmark, or
+        # images replaced in place, get their own features.
+        return self.cache.files_features(paths, lambda i: open_image(paths[i], str(paths[i])), patches=patches)
+
+    def prompt_problems(self, prompts: list[QueryPrompt | str]) -> dict[int, str]:
+        """{index: why} for prompts this model cannot encode as written: the text before the
+        placeholder pushes it past the tokenizer's context length (text after it is cut, as
+        open_clip cuts any text)."""
+        clip = self.model.clip
+        fits = clip.placeholder_fits(prompts, self.model.n_tokens)
+        return {i: f"the text pushes the pseudo-word placeholder past the {clip.context_length}-token text context"
+                for i, ok in enumerate(fits) if not ok}
 
     @torch.no_grad()
     def encode_images(self, paths: list[Path]) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Retrieval API: index a folder of images once (features cached), query with (image, text)."""
+"""Retrieval API: index a folder of images once (features cached), query with (image, text).
+
+Images are read by the project's one loader (through `RunModel`: EXIF orientation, 16-bit,
+transparency on white) and their features cached by content, so a changed file is re-encoded."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +9,9 @@ from pathlib import Path
 import torch
 
 from .model import RunModel, load_run
+from .prompts import fill_template
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class GalleryIndex:
@@ -16,17 +20,23 @@ class GalleryIndex:
 
     @classmethod
     def build(cls, run: str | Path, gallery: str | Path, model: RunModel | None = None) -> "GalleryIndex":
+        """Index every image file under `gallery` (recursively, sorted); InputError when there is none."""
+        from datagen.base.errors import InputError
+
         gallery = Path(gallery)
-        paths = sorted(p for p in gallery.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not gallery.is_dir():
+            raise InputError(f"{gallery}: gallery folder not found")
+        paths = sorted(p for p in gallery.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
-            raise FileNotFoundError(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise InputError(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         model = model or load_run(run)
         return cls(model, paths, model.encode_images(paths))
 
     @torch.no_grad()
     def query(self, image: str | Path, text: str, top_k: int = 10,
-              prompt: str = "a photo of $ that {}") -> list[tuple[Path, float]]:
-        q = self.model.encode_queries([Path(image)], [prompt.format(text)])
+              prompt: str = "a photo of * that {}") -> list[tuple[Path, float]]:
+        # The template's placeholder takes the pseudo-word; a `*` or `$` in `text` stays text.
+        q = self.model.encode_queries([Path(image)], [fill_template(prompt, text)])
         scores = (q @ self.features.T)[0]
         top = scores.topk(min(top_k, len(self.paths)))
         return [(self.paths[int(i)], round(float(s), 6)) for s, i in zip(top.values, top.indices)]

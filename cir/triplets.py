@@ -35,10 +35,8 @@ error naming the file and row, or a counted skip (`on_error="skip"`). A path tak
 from __future__ import annotations
 
 import glob
-import io
 import json
 import operator
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -49,7 +47,6 @@ import numpy as np
 from PIL import Image
 
 from datagen.base.errors import MachineError, os_error_line
-from datagen.config import stable_hash
 from datagen.schema import DatasetError, TripletReader
 
 from .data import DataError, open_image
@@ -184,17 +181,12 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     return p
 
 
-def _signature(paths) -> list:
-    """(size, mtime_ns) per file: the dataset id changes when a file is replaced in place, so the
-    feature cache never serves features of the old pictures."""
-    out = []
-    for p in paths:
-        try:
-            st = Path(p).stat()
-            out.append([st.st_size, st.st_mtime_ns])
-        except OSError:
-            out.append(None)
-    return out
+def _dataset_id(refs: list, tgts: list) -> str:
+    """The feature-cache id of a triplet set: the content of its images in order (bytes or files),
+    so images replaced in place, or another copy with the same names, never get stale features."""
+    from .features import content_id
+
+    return f"triplets-{content_id(list(refs) + list(tgts))}"
 
 
 def _problem(cfg: TripletsConfig, where: str, problem: str) -> None:
@@ -203,10 +195,14 @@ def _problem(cfg: TripletsConfig, where: str, problem: str) -> None:
 
 
 def _verify(data: bytes) -> bool:
+    """Does `data` decode with the one image loader (truncated data included)?"""
+    from datagen.base.images import ImageError
+    from datagen.base.images import open_image as decode
+
     try:
-        Image.open(io.BytesIO(data)).verify()
+        decode(data, "triplet image")
         return True
-    except Exception:  # PIL raises many types for corrupt data
+    except ImageError:
         return False
 
 
@@ -312,9 +308,7 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
                 mods.append(mod.strip())
                 caps.append(rec.get("source_caption"))
                 wh.append(where)
-    run = reader.run
-    did = stable_hash({"recipe": run.get("recipe_hash"), "seed": run.get("seed"), "ids": ids})
-    return Triplets(ids, refs, tgts, mods, wh, f"triplets-{did}", skipped, total - len(kept), caps)
+    return Triplets(ids, refs, tgts, mods, wh, _dataset_id(refs, tgts), skipped, total - len(kept), caps)
 
 
 # ----------------------------------------------------------------------------- TransAgg / CIRR JSON
@@ -425,9 +419,7 @@ def _load_json(cfg: TripletsConfig) -> Triplets:
         wh.append(where)
     pick = _subsample(len(ids), cfg.max_triplets, cfg.subsample_seed)
     sel = lambda xs: [xs[i] for i in pick]  # noqa: E731
-    did = stable_hash({"file": str(path.resolve()), "ids": sel(ids),
-                       "files": _signature([path] + sel(refs) + sel(tgts))})
-    return Triplets(sel(ids), sel(refs), sel(tgts), sel(mods), sel(wh), f"triplets-{did}", skipped)
+    return Triplets(sel(ids), sel(refs), sel(tgts), sel(mods), sel(wh), _dataset_id(sel(refs), sel(tgts)), skipped)
 
 
 # ----------------------------------------------------------------------------- SynthTriplets18M
@@ -576,7 +568,4 @@ def _load_synthtriplets(cfg: TripletsConfig) -> Triplets:
     finally:
         for f in handles.values():
             f.close()
-    files = tars if tars else [p for p in refs + tgts if isinstance(p, Path)]
-    did = stable_hash({"synthtriplets18m": [os.fspath(p.resolve()) for p in (tars or [folder])],
-                       "ids": ids, "files": _signature(files)})
-    return Triplets(ids, refs, tgts, mods, wh, f"triplets-{did}", skipped, reference_caption=caps)
+    return Triplets(ids, refs, tgts, mods, wh, _dataset_id(refs, tgts), skipped, reference_caption=caps)

@@ -16,7 +16,6 @@ the worker count (`datagen.base.threads`).
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
 from typing import Sequence, Union
@@ -30,18 +29,23 @@ ImageLike = Union[bytes, bytearray, "Image.Image", np.ndarray]
 
 
 def to_pil(image: ImageLike) -> Image.Image:
-    """Encoded bytes (any PIL format), a PIL image or an HxWx3 uint8 array -> RGB PIL image."""
+    """Encoded bytes (any PIL format), a PIL image or an HxWx3 uint8 array -> RGB PIL image.
+
+    Bytes go through the project's image loader (`datagen.base.images.open_image`: EXIF
+    orientation, 16-bit, transparency on white; `ImageError` when unreadable)."""
+    from datagen.base.images import open_image, to_rgb
+
     if isinstance(image, (bytes, bytearray, memoryview)):
-        img = Image.open(io.BytesIO(bytes(image)))
-    elif isinstance(image, np.ndarray):
+        return open_image(bytes(image))
+    if isinstance(image, dict) and "bytes" in image:   # an HF Image() cell
+        return open_image(image["bytes"])
+    if isinstance(image, np.ndarray):
         img = Image.fromarray(image)
     elif isinstance(image, Image.Image):
         img = image
-    elif isinstance(image, dict) and "bytes" in image:   # an HF Image() cell
-        img = Image.open(io.BytesIO(image["bytes"]))
     else:
         raise TypeError(f"cannot read an image from {type(image).__name__}")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img if img.mode == "RGB" else to_rgb(img)
 
 
 def resolve_device(device: str) -> str:

@@ -4,8 +4,9 @@ A gallery is any folder of images, searched recursively (so CIRCO's `unlabeled20
 `dev/ test1/ train/` and FashionIQ's `images/` all work, as do the shapes benchmarks). Its pHashes
 (and, when asked, CLIP features) are computed once and cached in `<gallery>/.cirgen-cache/` (or
 `cache_dir`, or ~/.cache/cirgen/contamination when the gallery is read-only), keyed by the folder's
-listing (relative path, size, mtime) and the hash settings: any added, removed or rewritten image
-makes a new key. Concurrent workers compute a gallery once: the first takes a file lock.
+listing (absolute folder; per file: relative path, inode, size, mtime, ctime), the image loader
+version and the hash settings: any added, removed, replaced or rewritten image (ctime changes even
+when size and mtime are restored), or another copy of the gallery, makes a new key. Concurrent workers compute a gallery once: the first takes a file lock.
 """
 from __future__ import annotations
 
@@ -35,10 +36,13 @@ def gallery_files(folder: str | Path) -> list[Path]:
 
 
 def listing_key(folder: Path, files: list[Path], extra: dict) -> str:
-    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **extra}, sort_keys=True).encode())
+    from .base.images import LOADER_VERSION
+
+    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "loader": LOADER_VERSION, "folder": str(folder),
+                                   **extra}, sort_keys=True).encode())
     for p in files:
         st = p.stat()
-        h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.relative_to(folder)}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 

@@ -25,6 +25,12 @@ def dump(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
+def _texts(prompts) -> list[str]:
+    from cir.prompts import QueryPrompt
+
+    return [p.text() if isinstance(p, QueryPrompt) else p for p in prompts]
+
+
 class FakeModel:
     """Gallery image i of `names` -> e_i; query -> `scores(ref_stem, prompt)` (a dict name -> score,
     or a full vector). Records every prompt it is asked to encode."""
@@ -43,7 +49,14 @@ class FakeModel:
             out[r, self.index[Path(p).stem]] = 1.0
         return out
 
+    max_prompt_words: int | None = None   # prompt_problems: longer prompts "lose" the placeholder
+
+    def prompt_problems(self, prompts):
+        n = self.max_prompt_words
+        return {i: "placeholder cut" for i, p in enumerate(_texts(prompts)) if n is not None and len(p.split()) > n}
+
     def encode_queries(self, ref_paths, prompts):
+        prompts = _texts(prompts)               # QueryPrompts read as `a photo of * that ...`
         self.prompts += list(prompts)
         rows = []
         for r, p in zip(ref_paths, prompts):

@@ -50,7 +50,7 @@ def test_fashioniq_recall_per_category_and_average(tmp_path):
     assert m["avg_R@50"] == pytest.approx(250 / 3)        # (100 + 50 + 100) / 3
     assert m["avg"] == pytest.approx(175 / 3)             # (33.33 + 83.33) / 2
     assert res.n_queries == 5 and res.gallery_size == {"dress": 60, "shirt": 60, "toptee": 60}
-    assert "fiq_order=c1c2+c2c1 averaged" in res.table() and "R@10" in res.table()
+    assert "fiq_order=c2 and c1" in res.table() and "R@10" in res.table()
 
 
 def _fiq_order_setup(tmp_path):
@@ -73,15 +73,15 @@ def _fiq_order_setup(tmp_path):
 
 @pytest.mark.parametrize("order,template,prompts,ranking", [
     # c1c2 alone -> query e0: scores dress000 1, dress002 .707, dress001 0, dress003 0 (tie: gallery order)
-    ("c1c2", "that", ["a photo of $ that is shiny and fit and flare"],
+    ("c1c2", "that", ["a photo of * that is shiny and fit and flare"],
      ["dress000", "dress002", "dress001", "dress003"]),
-    ("c2c1", "pic2word", ["a photo of $ , fit and flare and is shiny"],
+    ("c2c1", "pic2word", ["a photo of * , fit and flare and is shiny"],
      ["dress001", "dress002", "dress000", "dress003"]),
     ("c1c2", "none", ["is shiny and fit and flare"], ["dress000", "dress002", "dress001", "dress003"]),
     # both: normalise 3*e0 -> e0 and e1, average (.5, .5), renormalise (.707, .707):
     # dress002 scores 1.0, dress000 and dress001 tie at .707 (gallery order), dress003 0.
     # (Averaging before normalising would give (3, 1)/sqrt10 and rank dress000 first.)
-    ("both", "that", ["a photo of $ that is shiny and fit and flare", "a photo of $ that fit and flare and is shiny"],
+    ("both", "that", ["a photo of * that is shiny and fit and flare", "a photo of * that fit and flare and is shiny"],
      ["dress002", "dress000", "dress001", "dress003"]),
 ])
 def test_fashioniq_caption_order_template_and_two_pass_average(tmp_path, order, template, prompts, ranking):
@@ -95,7 +95,7 @@ def test_fashioniq_caption_order_template_and_two_pass_average(tmp_path, order, 
 def test_fashioniq_without_stripping_keeps_punctuation(tmp_path):
     root, model = _fiq_order_setup(tmp_path)
     evaluate(model, "fashioniq", root, protocol=build_protocol(["fiq_order=c1c2", "fiq_strip=false"]))
-    assert model.prompts == ["a photo of $ that  is shiny. and fit and flare?"]
+    assert model.prompts == ["a photo of * , that  is shiny. and fit and flare?"]      # TSCIR's FashionIQ prompt
 
 
 # ----------------------------------------------------------------------------- CIRR
@@ -197,7 +197,7 @@ def test_circo_query_text_options(tmp_path):
     names = [circo_name(i) for i in CIRCO_IDS]
     model = FakeModel(names, _circo_scores)
     evaluate(model, "circo", root)
-    assert model.prompts == ["a photo of $ that has two of them", "a photo of $ that is red"]
+    assert model.prompts == ["a photo of * that has two of them", "a photo of * that is red"]
     model = FakeModel(names, _circo_scores)
     evaluate(model, "circo", root, protocol=build_protocol(["circo_text=magiclens", "template=none"]))
     assert model.prompts == ["find a dog but has two of them", "find a car but is red"]
@@ -207,7 +207,11 @@ def test_circo_query_text_options(tmp_path):
 
 def test_protocol_overrides_and_description():
     p = build_protocol(["protocol.fiq_order=c2c1", "template=a photo of $ modified by {}", "depth=100"])
-    assert p.fiq_order == "c2c1" and p.prompt("x") == "a photo of $ modified by x" and p.depth == 100
+    assert p.fiq_order == "c2c1" and p.prompt("x *").text() == "a photo of * modified by x *" and p.depth == 100
+    auto = build_protocol([])
+    assert auto.prompt("x", "cirr").text() == "a photo of * , that x"            # TSCIR's per-benchmark prompts
+    assert auto.prompt("x", "circo").text() == "a photo of * that x"
+    assert build_protocol(["template=none"]).prompt("x", "cirr") == "x"
     line = p.describe("fashioniq")
     assert line.startswith("protocol: ") and "\n" not in line and "fiq_order=c2 and c1" in line
     assert "cirr_gallery" not in line and "cirr_gallery=split" in p.describe("shapes-cirr")

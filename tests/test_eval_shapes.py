@@ -92,10 +92,13 @@ def test_shapes_benchmark_is_deterministic(tmp_path, shapes):
 
 
 def test_prompt_processing_for_baselines():
-    assert strip_placeholder("a photo of $ that is red") == "a photo of that is red"
-    assert strip_placeholder("a photo of $ , is red") == "a photo of, is red"
-    assert modification_text("a photo of $ that is red") == "is red"
-    assert modification_text("a photo of $ , is red and has stripes") == "is red and has stripes"
+    from cir.prompts import fill_template
+
+    assert strip_placeholder(fill_template("a photo of * that {}", "is red")) == "a photo of that is red"
+    assert strip_placeholder(fill_template("a photo of * , {}", "is red")) == "a photo of, is red"
+    assert strip_placeholder(fill_template("a photo of * that {}", "costs $5")) == "a photo of that costs $5"
+    assert modification_text(fill_template("a photo of * that {}", "is red")) == "is red"
+    assert modification_text(fill_template("a photo of * , {}", "is red and has stripes")) == "is red and has stripes"
     assert modification_text("find a dog but is red") == "find a dog but is red"     # template none
     from PIL import Image
 
@@ -121,7 +124,9 @@ def test_baselines_end_to_end_on_shapes_with_random_shapes_clip(shapes, clip, tm
     model = ClipBaseline(clip, "sum")
     ref = load_benchmark("cirr", shapes / "cirr").tasks[0]
     q = ref.queries[0]
-    prompt = f"a photo of $ that {q.captions[0]}"
+    from cir.prompts import fill_template
+
+    prompt = fill_template("a photo of * that {}", q.captions[0])
     got = model.encode_queries([ref.paths[q.reference]], [prompt])
     want = torch.nn.functional.normalize(model.encode_images([ref.paths[q.reference]])
                                          + model.encode_texts([q.captions[0]]), dim=1)

@@ -1,42 +1,46 @@
 """CLIP baselines that run in the same harness as the trained models.
 
 - `image-only`: the reference image's feature (ignores the text).
-- `text-only`: the prompt with the `$` placeholder removed ("a photo of $ that is red" ->
+- `text-only`: the prompt with the placeholder removed ("a photo of * that is red" ->
   "a photo of that is red").
 - `sum`: normalised image feature + normalised feature of the modification part of the prompt
-  (the text after `$` and its connective: "is red"), renormalised.
+  (the text after the placeholder and its connective: "is red"), renormalised.
 
 `resolve_model` returns one of these by name, or lazily loads a trained run through
-`cir.model.load_run(spec)`. Features are cached in memory per image path; the cache key records
+`cir.model.load_run(spec)`. Features are cached in memory per image file version (absolute path,
+inode, size, mtime, ctime); the model's `cache_key` records
 the CLIP weights and the preprocessing, so the harness can print where the numbers came from.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from ..prompts import QueryPrompt
 from . import EvalError
 
 BASELINES = ("image-only", "text-only", "sum")
 Mode = Literal["image-only", "text-only", "sum"]
 
 
-def strip_placeholder(prompt: str) -> str:
-    """The prompt without the `$` token and without the spaces it leaves behind."""
-    text = re.sub(r"\s*\$\s*", " ", prompt)
+def strip_placeholder(prompt: "QueryPrompt | str") -> str:
+    """The prompt without the placeholder and without the spaces it leaves behind (a `*` or `$`
+    in the user's text stays)."""
+    text = f"{prompt.prefix} {prompt.suffix}" if isinstance(prompt, QueryPrompt) else prompt
     text = re.sub(r"\s+([,.;:?!])", r"\1", text)
     return re.sub(r"\s+", " ", text).strip()
 
 
-def modification_text(prompt: str) -> str:
-    """The part of a prompt after `$` and its connective ("that", ",", ":"); whole prompt if no `$`."""
-    if "$" not in prompt:
+def modification_text(prompt: "QueryPrompt | str") -> str:
+    """The part of a prompt after the placeholder and its connective ("that", ",", ":"); the whole
+    prompt when it has no placeholder."""
+    if not isinstance(prompt, QueryPrompt):
         return prompt.strip()
-    rest = prompt.split("$", 1)[1]
-    rest = re.sub(r"^[\s,;:]*(that\b)?[\s,;:]*", "", rest)
+    rest = re.sub(r"^[\s,;:]*(that\b)?[\s,;:]*", "", prompt.suffix)
     return rest.strip() or strip_placeholder(prompt)
 
 
@@ -66,29 +70,39 @@ class ClipBaseline:
         self.name = mode
         pre = preprocess if preprocess == "clip" else f"{preprocess}{target_ratio}"
         self.cache_key = f"{clip.name}@{clip.weights_id}/{pre}"
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def _load(self, path: Path):
-        from PIL import Image
+        from datagen.base.images import open_image
 
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - name the file whatever PIL raised
-            raise EvalError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        img = open_image(path, str(path))      # ImageError (one line) naming the file
         if self.preprocess_mode == "targetpad":
             img = targetpad(img, self.target_ratio)
         return self.clip.preprocess(img)
 
+    def prompt_problems(self, prompts: list[str]) -> dict[int, str]:
+        """{}: the baselines have no placeholder to lose (long text is cut, as open_clip does)."""
+        return {}
+
+    @staticmethod
+    def _key(p: Path) -> tuple:
+        # The file as it is now (absolute path and version), not the path string: the same
+        # relative path in another folder, or a file rewritten in place, is read again.
+        try:
+            st = os.stat(p)
+            return (os.path.abspath(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            return (os.path.abspath(p),)
+
     @torch.no_grad()
     def encode_images(self, paths: list[Path]) -> torch.Tensor:
-        keys = [str(p) for p in paths]
-        todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        keys = [self._key(Path(p)) for p in paths]
+        todo = [(k, p) for k, p in dict(zip(keys, paths)).items() if k not in self._cache]
         for s in range(0, len(todo), self.batch_size):
             chunk = todo[s:s + self.batch_size]
-            x = torch.stack([self._load(Path(k)) for k in chunk]).to(self.device)
+            x = torch.stack([self._load(Path(p)) for _, p in chunk]).to(self.device)
             f = self.clip.model.encode_image(x, normalize=True).float().cpu()
-            self._cache.update(zip(chunk, f))
+            self._cache.update(zip([k for k, _ in chunk], f))
         if not keys:
             return torch.empty(0, 0)
         return torch.stack([self._cache[k] for k in keys])

@@ -129,6 +129,21 @@ class _Entry:
         return v
 
 
+def _join(base: Path, rel: str, where: str) -> Path:
+    """`base / rel` for a path read from a manifest; refused (EvalError naming `where`) when it is
+    absolute or its `..` parts lead out of `base`.
+
+    The check is lexical (no symlinks resolved): a symlink the user put inside the tree (images
+    on another disk) is theirs to make; a manifest cannot add one."""
+    if not rel or "\0" in rel or os.path.isabs(rel):
+        raise EvalError(f"{where}: path {rel!r} leaves the benchmark root {base}")
+    top = os.path.abspath(base)
+    full = os.path.abspath(os.path.join(top, rel))
+    if full == top or os.path.commonpath([top, full]) != top:
+        raise EvalError(f"{where}: path {rel!r} leaves the benchmark root {base}")
+    return base / os.path.relpath(full, top)
+
+
 def _listdir(folder: Path) -> set[str]:
     try:
         with os.scandir(folder) as it:
@@ -152,7 +167,9 @@ def load_fashioniq(root: Path, split: str = "val", protocol: Protocol | None = N
         exts = (".png", ".jpg")     # a .png mirror: report a missing image under its .png name
     used_ext: set[str] = set()
 
-    def image_path(asin: str) -> Path:
+    def image_path(asin: str, where: str) -> Path:
+        if "/" in asin or "\\" in asin or asin in ("", ".", ".."):
+            raise EvalError(f"{where}: image id {asin!r} is not a file name in {images}")
         for ext in exts:
             if asin + ext in present:
                 used_ext.add(ext)
@@ -185,22 +202,56 @@ def load_fashioniq(root: Path, split: str = "val", protocol: Protocol | None = N
                 raise e.fail(f"target {tgt!r} not in {spl.name}")
             queries.append(Query(f"{cat}:{i}", ref, tuple(caps), tgt, (tgt,) if tgt else (), entry=i))
         ids = set(gallery) | {q.reference for q in queries}
-        tasks.append(Task(cat, cap, spl, queries, list(gallery), {a: image_path(a) for a in sorted(ids)}))
+        where = {q.reference: f"{cap.name} entry {q.entry}" for q in queries} | \
+            {g: f"{spl.name} entry {i}" for i, g in enumerate(gallery)}
+        tasks.append(Task(cat, cap, spl, queries, list(gallery),
+                          {a: image_path(a, where[a]) for a in sorted(ids)}))
     notes = [f"image extension: {'/'.join(sorted(used_ext)) or exts[0]}"]
     return Benchmark("fashioniq", split, root, tasks, split != "test", notes)
 
 
 # ----------------------------------------------------------------------------- CIRR
 
-def _cirr_split_file(root: Path, split: str) -> tuple[Path, dict[str, Path]]:
-    spl = root / "image_splits" / f"split.rc2.{split}.json"
+def _cirr_split_file(ann: Path, images: Path, split: str) -> tuple[Path, dict[str, Path]]:
+    spl = ann / "image_splits" / f"split.rc2.{split}.json"
     mapping = _read_json(spl, dict)
     paths = {}
     for i, (name, rel) in enumerate(mapping.items()):
         if not isinstance(rel, str):
             raise EvalError(f"{spl.name} entry {i} ({name}): expected a relative path, got {rel!r}")
-        paths[name] = root / rel.removeprefix("./")
+        paths[name] = _join(images, rel, f"{spl.name} entry {name}")
     return spl, paths
+
+
+def cirr_layout(root: Path, split: str) -> tuple[Path, Path]:
+    """(annotation folder, image folder) of a CIRR tree at `root`, in any published layout.
+
+    Annotations (`captions/`, `image_splits/`) are at `root` or, as SEARLE's loaders expect, at
+    `root/cirr/`. Images (`dev/`, `test1/`, `train/`, the folders the split files name) are at
+    `root` or, as in the CIRR README, at `root/img_raw/`. A `--root` that points at SEARLE's
+    `cirr/` folder, with the images beside it, is refused with the right `--root`."""
+    ann = root
+    if not (root / "image_splits").is_dir() and (root / "cirr" / "image_splits").is_dir():
+        ann = root / "cirr"
+    spl = ann / "image_splits" / f"split.rc2.{split}.json"
+    tops = {"dev", "test1", "train"}
+    try:
+        data = json.loads(spl.read_text())
+        if isinstance(data, dict):
+            first = {Path(v.removeprefix("./")).parts[0] for v in data.values()
+                     if isinstance(v, str) and Path(v.removeprefix("./")).parts}
+            tops = {t for t in first if t not in (".", "..") and not os.path.isabs(t)} or tops
+    except (OSError, ValueError):
+        pass                                    # the reader reports it
+    for images in (root, root / "img_raw"):
+        if any((images / t).is_dir() for t in tops):
+            return ann, images
+    for images in (root.parent, root.parent / "img_raw"):
+        if ann == root and any((images / t).is_dir() for t in tops):
+            raise EvalError(f"{root}: CIRR annotations found but the images ({'/'.join(sorted(tops))}/) "
+                            f"are in {images}, outside this folder (SEARLE's layout keeps the "
+                            f"annotations in cirr/ beside the images): pass --root {root.parent}")
+    return ann, root
 
 
 def load_cirr(root: Path, split: str = "val", protocol: Protocol | None = None) -> Benchmark:
@@ -208,8 +259,9 @@ def load_cirr(root: Path, split: str = "val", protocol: Protocol | None = None) 
     if split not in CIRR_SPLITS:
         raise EvalError(f"CIRR split {split!r}: expected val or test1")
     split = CIRR_SPLITS[split]
-    cap = root / "captions" / f"cap.rc2.{split}.json"
-    spl, own = _cirr_split_file(root, split)
+    ann, images = cirr_layout(root, split)
+    cap = ann / "captions" / f"cap.rc2.{split}.json"
+    spl, own = _cirr_split_file(ann, images, split)
     labelled = split != "test1"
     queries, seen = [], {}
     for i, raw in enumerate(_read_json(cap, list)):
@@ -239,10 +291,12 @@ def load_cirr(root: Path, split: str = "val", protocol: Protocol | None = None) 
     if protocol.cirr_gallery == "all":
         # VISTA/MegaPairs-style: rank against every CIRR split present (not comparable to the standard).
         for other in ("train", "val", "test1"):
-            f = root / "image_splits" / f"split.rc2.{other}.json"
+            f = ann / "image_splits" / f"split.rc2.{other}.json"
             if other != split and f.exists():
-                gallery_paths.update(_cirr_split_file(root, other)[1])
+                gallery_paths.update(_cirr_split_file(ann, images, other)[1])
                 notes.append(f"gallery includes {f.name}")
+    if ann != root or images != root:
+        notes.append(f"layout: annotations in {ann}, images in {images}")
     task = Task("cirr", cap, spl, queries, list(gallery_paths), gallery_paths)
     return Benchmark("cirr", split, root, [task], labelled, notes)
 
@@ -271,7 +325,10 @@ def load_circo(root: Path, split: str = "val") -> Benchmark:
     for i, im in enumerate(images):
         if not isinstance(im, dict) or not isinstance(im.get("id"), int):
             raise EvalError(f"{info.name} images[{i}]: expected an object with an integer 'id'")
-        paths[str(im["id"])] = img_dir / im.get("file_name", f"{im['id']:012d}.jpg")
+        name = im.get("file_name", f"{im['id']:012d}.jpg")
+        if not isinstance(name, str):
+            raise EvalError(f"{info.name} images[{i}] (id {im['id']}): file_name should be a string, got {name!r}")
+        paths[str(im["id"])] = _join(img_dir, name, f"{info.name} images[{i}] (id {im['id']})")
     labelled = split == "val"
     queries, seen = [], {}
     for i, raw in enumerate(_read_json(ann, list)):
@@ -317,9 +374,13 @@ def find_bad_images(bench: Benchmark, level: CheckLevel = "header") -> dict[str,
     """Image files that are missing or unreadable: {path: reason}.
 
     `exists` only looks the name up in its folder; `header` also opens it with PIL (catches empty
-    and non-image files at a few microseconds each); `decode` decodes every pixel (slow).
+    and non-image files at a few microseconds each) and checks that a JPEG/PNG/GIF/WebP ends as a
+    complete file does (a cut download), decoding in full the files that do not; `decode`
+    decodes every file with the loader the models use (`datagen.base.images.open_image`; slow).
     """
     from PIL import Image
+
+    from datagen.base.images import ImageError, looks_truncated, open_image
 
     listing: dict[Path, set[str]] = {}
     bad: dict[str, str] = {}
@@ -338,11 +399,17 @@ def find_bad_images(bench: Benchmark, level: CheckLevel = "header") -> dict[str,
             if level == "exists":
                 continue
             try:
-                with Image.open(p) as im:
-                    if level == "decode":
-                        im.load()
-            except Exception as e:  # noqa: BLE001 - any failure to read is "unreadable"
-                bad[str(p)] = f"unreadable: {type(e).__name__}"
+                try:
+                    if level == "header":
+                        with Image.open(p):
+                            pass
+                    full = level == "decode" or looks_truncated(p)
+                except Exception:  # noqa: BLE001 - the loader says why, in the models' words
+                    full = True
+                if full:
+                    open_image(p, str(p))
+            except ImageError as e:
+                bad[str(p)] = "unreadable: " + str(e).removeprefix(f"{p}: ")
     return bad
 
 
@@ -375,9 +442,11 @@ def drop_bad_images(bench: Benchmark, bad: dict[str, str]) -> tuple[Benchmark, d
     """Remove bad images and the queries that cannot be scored without them; report both.
 
     A query is dropped when its reference or its target is bad (Pic2Word drops unreadable
-    FashionIQ queries the same way, silently; we report it). Bad images leave the gallery; a CIRR
-    query losing a non-target set member, or a CIRCO query losing a non-target ground truth, is
-    kept with the smaller set and counted as changed. On unlabelled (test) splits nothing can be
+    FashionIQ queries the same way, silently; we report it). Bad images leave the gallery, so they
+    cannot be retrieved: a CIRCO query that loses a non-target ground truth, or a CIRR query that
+    loses a non-target set member, is kept with its annotation unchanged (the lost ground truth
+    is a miss, still counted in mAP@K's min(K, #ground truths), as the official scorer counts it
+    on the same ranking) and counted as changed. On unlabelled (test) splits nothing can be
     dropped, because a server submission must cover every query.
     """
     tasks, dropped, changed, examples = [], 0, 0, []
@@ -397,8 +466,6 @@ def drop_bad_images(bench: Benchmark, bad: dict[str, str]) -> tuple[Benchmark, d
                 continue
             if _affected(q, ids):
                 changed += 1
-                q = replace(q, gt=tuple(g for g in q.gt if g not in ids),
-                            members=tuple(m for m in q.members if m not in ids))
             keep.append(q)
         tasks.append(replace(task, queries=keep, gallery=[g for g in task.gallery if g not in ids]))
     report = {
@@ -410,6 +477,29 @@ def drop_bad_images(bench: Benchmark, bad: dict[str, str]) -> tuple[Benchmark, d
         "queries_changed": changed,
         "handling": "dropped queries whose reference or target image is missing or unreadable "
                     "(as Pic2Word); removed those images from the gallery; queries that lost other "
-                    "set members / ground truths were kept with the smaller set",
+                    "ground truths / set members keep them as misses (metric denominators unchanged)",
     }
+    return replace(bench, tasks=tasks), report
+
+
+def query_text_problems(bench: Benchmark) -> dict[tuple[str, str], str]:
+    """{(task name, query id): why} for queries whose annotation gives no text to compose with
+    (every caption empty or blank)."""
+    return {(t.name, q.qid): "empty caption" for t in bench.tasks for q in t.queries
+            if not any(c.strip() for c in q.captions)}
+
+
+def drop_queries(bench: Benchmark, problems: dict[tuple[str, str], str], allow: bool) -> tuple[Benchmark, dict]:
+    """Refuse (EvalError naming the file and entry of the first few) or, with `allow`, drop the
+    queries in `problems` and report how many. Test splits are never dropped (see drop_bad_images)."""
+    where = [f"{t.annotation.name} entry {q.entry} (id {q.qid}): {problems[(t.name, q.qid)]}"
+             for t in bench.tasks for q in t.queries if (t.name, q.qid) in problems]
+    if not allow or not bench.labelled:
+        more = ("a test-server submission must cover every query: fix the annotation or the template"
+                if allow else "fix the caption or the template, or pass --allow-missing (protocol "
+                "missing=drop) to drop these queries, which is reported with the results")
+        raise EvalError(f"{len(where)} of {bench.n_queries} queries cannot be encoded (first: "
+                        f"{'; '.join(where[:3])}); {more}")
+    tasks = [replace(t, queries=[q for q in t.queries if (t.name, q.qid) not in problems]) for t in bench.tasks]
+    report = {"queries_unusable": len(where), "unusable_examples": where[:5]}
     return replace(bench, tasks=tasks), report

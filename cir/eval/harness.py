@@ -14,6 +14,7 @@ import json
 import os
 import time
 import typing
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -22,8 +23,14 @@ import torch
 
 from . import EvalError
 from . import metrics as M
-from .benchmarks import CheckLevel, Task, drop_bad_images, find_bad_images, integrity_error, load_benchmark
+from datagen.base.errors import CirgenError
+
+from .benchmarks import (Benchmark, CheckLevel, Task, drop_bad_images, drop_queries, find_bad_images,
+                         integrity_error, load_benchmark, query_text_problems)
 from .protocol import Protocol, circo_text
+
+if TYPE_CHECKING:
+    from cir.prompts import QueryPrompt
 
 
 @typing.runtime_checkable
@@ -39,6 +46,11 @@ class CIRModel(typing.Protocol):
     def encode_queries(self, ref_paths: list[Path], prompts: list[str]) -> torch.Tensor:
         """[Q, D] composed-query features; each prompt has `$` where the reference's pseudo-word
         goes (no `$` under template "none")."""
+        ...
+
+    def prompt_problems(self, prompts: list[str]) -> dict[int, str]:
+        """{index: why} for prompts the model cannot encode as written (e.g. the placeholder cut
+        off by the text context length); {} for models without a placeholder."""
         ...
 
 
@@ -89,6 +101,9 @@ class EvalResult:
             lines.append(f"integrity: {integ['bad_images']} bad images; {integ['queries_dropped']} of "
                          f"{integ['queries_total']} queries dropped, {integ['queries_changed']} changed "
                          f"({integ['handling']})")
+        if integ.get("queries_unusable"):
+            lines.append(f"integrity: {integ['queries_unusable']} queries dropped whose text cannot be "
+                         f"encoded (first: {'; '.join(integ['unusable_examples'][:3])})")
         lines += self.notes
         lines.append(_metric_table(self.dataset, self.metrics))
         lines += [f"submission: {p}" for p in self.submission]
@@ -123,7 +138,7 @@ def _strip(c: str) -> str:
     return c.strip(".?, ")
 
 
-def query_prompts(kind: str, task: Task, protocol: Protocol) -> list[list[str]]:
+def query_prompts(kind: str, task: Task, protocol: Protocol) -> list[list["QueryPrompt | str"]]:
     """The prompt(s) of each query; FashionIQ `both` gives two per query (features averaged)."""
     out = []
     for q in task.queries:
@@ -137,7 +152,7 @@ def query_prompts(kind: str, task: Task, protocol: Protocol) -> list[list[str]]:
             bodies = [body.replace("{shared_concept}", q.shared_concept)]
         else:
             bodies = [q.captions[0]]
-        out.append([protocol.prompt(b) for b in bodies])
+        out.append([protocol.prompt(b, kind) for b in bodies])
     return out
 
 
@@ -176,8 +191,11 @@ def encode_queries(model: CIRModel, task: Task, prompts: list[list[str]], batch:
 
 def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val",
              protocol: Protocol | None = None, options: EvalOptions | None = None,
-             log: Callable[[str], None] = lambda s: None) -> EvalResult:
-    """Evaluate `model` on `dataset` at `root` under `protocol`; see EvalResult."""
+             log: Callable[[str], None] = lambda s: None, bench: Benchmark | None = None) -> EvalResult:
+    """Evaluate `model` on `dataset` at `root` under `protocol`; see EvalResult.
+
+    `bench`: the benchmark already read by `load_benchmark(dataset, root, split, protocol)` (the
+    CLI reads it before loading the model, so annotation errors come first); None reads it here."""
     options = options or EvalOptions()
     protocol = protocol or Protocol()
     try:
@@ -197,7 +215,8 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
         raise EvalError(f"model {model.name} preprocesses with {used!r} but the protocol says "
                         f"{protocol.preprocess!r}: set preprocess={used} or rebuild the model")
     t0 = time.perf_counter()
-    bench = load_benchmark(dataset, root, split, protocol)
+    if bench is None:
+        bench = load_benchmark(dataset, root, split, protocol)
     if not bench.labelled and kind == "fashioniq":
         raise EvalError("FashionIQ test has no targets and no public server: evaluate on val")
     if not bench.labelled and options.submission is None:
@@ -213,6 +232,11 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
         bench, report = drop_bad_images(bench, bad)
         integrity.update(report)
         log(f"integrity: {report['bad_images']} bad images, {report['queries_dropped']} queries dropped")
+    text_problems = query_problems(model, kind, bench, protocol)
+    if text_problems:
+        bench, report = drop_queries(bench, text_problems, protocol.missing == "drop")
+        integrity.update(report)
+        log(f"integrity: {report['queries_unusable']} queries dropped whose text cannot be encoded")
     seconds = {"load": time.perf_counter() - t0}
     metrics: dict[str, float] = {}
     per_cat: dict[str, dict[int, float]] = {}
@@ -244,8 +268,37 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
                       notes, rankings if options.keep_rankings else {})
 
 
+def query_problems(model: CIRModel, kind: str, bench: Benchmark, protocol: Protocol) -> dict[tuple[str, str], str]:
+    """{(task name, query id): why} for every query that cannot be encoded as the protocol writes
+    it: no caption text, or a prompt the model refuses (`prompt_problems`: e.g. the placeholder cut
+    off by the text context length)."""
+    problems = query_text_problems(bench)
+    for task in bench.tasks:
+        prompts = query_prompts(kind, task, protocol)
+        flat = [(q, p) for q, ps in zip(task.queries, prompts) for p in ps]
+        for i, why in model.prompt_problems([p for _, p in flat]).items():
+            problems.setdefault((task.name, flat[i][0].qid), why)
+    return problems
+
+
 def _rank_task(model: CIRModel, kind: str, task: Task, protocol: Protocol, options: EvalOptions,
                seconds: dict, log) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    try:
+        return _rank_task_inner(model, kind, task, protocol, options, seconds, log)
+    except EvalError:
+        raise
+    except CirgenError as e:
+        # An image the integrity check passed failed when the model read it (a corrupt file whose
+        # header and end look fine): one line, with the way to find and drop every such file.
+        if options.check == "decode":
+            raise EvalError(str(e)) from None
+        raise EvalError(f"{e} (the --check {options.check} integrity check did not catch it: rerun "
+                        "with --check decode to find every unreadable image, and --allow-missing to "
+                        "drop the queries that need them)") from None
+
+
+def _rank_task_inner(model: CIRModel, kind: str, task: Task, protocol: Protocol, options: EvalOptions,
+                     seconds: dict, log) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     t = time.perf_counter()
     log(f"{task.name}: encoding {len(task.gallery)} gallery images")
     gal = _check_features(model.encode_images([task.paths[g] for g in task.gallery]),

@@ -2,20 +2,28 @@
 
 One `Protocol` travels with each evaluation; `describe()` is printed next to every number so a
 result always says how it was obtained. Defaults are the common choice (SEARLE/LinCIR), except
-where marked as ours. Change a choice with `--set key=value` (or `protocol.key=value`).
+where marked: the prompt template and FashionIQ's caption order follow the released TSCIR
+evaluation (`test_*_stage2.sh`). Change a choice with `--set key=value` (or `protocol.key=value`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-# Named prompt templates; `$` is the pseudo-word placeholder (CLIP BPE id 259) everywhere, so
-# Pic2Word's `*` becomes `$` too. Any other string containing `{}` is used as a custom template.
+if TYPE_CHECKING:
+    from cir.prompts import QueryPrompt
+
+# Named prompt templates; `*` is the pseudo-word placeholder (TSCIR's and Pic2Word's; `$`, SEARLE's,
+# is accepted in a template too). The placeholder is the template's position, so a `*` or `$` in
+# a caption stays text (cir/prompts.py). Any other string containing `{}` is a custom template.
 TEMPLATES = {
-    "that": "a photo of $ that {}",       # SEARLE, LinCIR, our method
-    "pic2word": "a photo of $ , {}",      # Pic2Word, Context-I2W
-    "none": "{}",                         # MagicLens, CoVR, CIReVL (no pseudo-word)
+    "that": "a photo of * that {}",            # SEARLE, LinCIR; TSCIR on CIRCO
+    "comma-that": "a photo of * , that {}",    # TSCIR on CIRR and FashionIQ (test_*_stage2.sh)
+    "pic2word": "a photo of * , {}",           # Pic2Word, Context-I2W
+    "none": "{}",                              # MagicLens, CoVR, CIReVL (no pseudo-word)
 }
+# `template: auto` = the released TSCIR evaluation prompt of each benchmark.
+AUTO_TEMPLATES = {"cirr": "comma-that", "fashioniq": "comma-that", "circo": "that"}
 # CIRCO query text bodies (before the template is applied).
 CIRCO_TEXTS = {
     "relative": "{relative_caption}",                               # SEARLE, LinCIR, CIReVL
@@ -27,10 +35,11 @@ CIRCO_TEXTS = {
 @dataclass
 class Protocol:
     # 1. FashionIQ caption joining: order of the two captions and whether they are stripped.
-    fiq_order: Literal["c1c2", "c2c1", "both"] = "both"   # both = two passes, features averaged
+    fiq_order: Literal["c1c2", "c2c1", "both"] = "c2c1"   # TSCIR/Pic2Word: one pass, c2 first; both = two
+                                                         # passes, features averaged (SEARLE)
     fiq_strip: bool = True                               # strip surrounding `.?,` and spaces (SEARLE)
-    # 12. Prompt template (all datasets): a name in TEMPLATES or a string with `{}`.
-    template: str = "that"
+    # 12. Prompt template: `auto` (TSCIR's per benchmark), a name in TEMPLATES or a string with `{}`.
+    template: str = "auto"
     # 2. FashionIQ image extension (auto: per image, the folder's majority first) and what to do
     #    with missing or unreadable images.
     fiq_ext: Literal["auto", "jpg", "png"] = "auto"
@@ -62,8 +71,25 @@ class Protocol:
         if self.target_ratio < 1:
             raise ValueError(f"target_ratio must be >= 1, got {self.target_ratio}")
 
-    def prompt(self, body: str) -> str:
-        return template_text(self.template).replace("{}", body)
+    def template_for(self, dataset: str | None = None) -> str:
+        """The template text used for `dataset` (`auto` resolves per benchmark; CIRR's without one)."""
+        name = self.template
+        if name == "auto":
+            name = AUTO_TEMPLATES.get(_kind(dataset) or "cirr", "that")
+        return template_text(name)
+
+    def prompt(self, body: str, dataset: str | None = None) -> "QueryPrompt | str":
+        """The query text for `body`: a QueryPrompt (placeholder position kept apart from the
+        text) or, for a template without a placeholder (`none`), the plain string."""
+        from cir.prompts import PromptError, fill_template
+
+        template = self.template_for(dataset)
+        try:
+            return fill_template(template, body)
+        except PromptError:
+            if any(p in template.split("{}")[0] for p in ("*", "$")):
+                raise
+            return template.replace("{}", body)
 
     def summary_name(self) -> str:
         return "(R@5+Rs@1)/2" if self.cirr_summary == "r5" else "(R@1+Rs@1)/2"
@@ -71,7 +97,7 @@ class Protocol:
     def describe(self, dataset: str | None = None) -> str:
         """One line with the choices that matter for `dataset` (all of them when None)."""
         kind = _kind(dataset)
-        parts = [f"split={self.split}", f"template='{template_text(self.template)}'", f"missing={self.missing}"]
+        parts = [f"split={self.split}", f"template='{self.template_for(dataset)}'", f"missing={self.missing}"]
         if kind in (None, "fashioniq"):
             order = {"c1c2": "c1 and c2", "c2c1": "c2 and c1", "both": "c1c2+c2c1 averaged"}[self.fiq_order]
             parts += [f"fiq_order={order}", f"fiq_strip={self.fiq_strip}", f"fiq_ext={self.fiq_ext}"]
@@ -98,6 +124,8 @@ def _kind(dataset: str | None) -> str | None:
 
 
 def template_text(template: str) -> str:
+    if template == "auto":
+        return template
     text = TEMPLATES.get(template, template)
     if text.count("{}") != 1:
         raise ValueError(f"template {template!r}: expected one of {sorted(TEMPLATES)} or a string "

@@ -21,7 +21,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-THUMB_VERSION = 1  # bump when the thumbnail recipe changes: old files then stop matching
+from datagen.base.images import open_image
+
+THUMB_VERSION = 2  # bump when the thumbnail recipe changes: old files then stop matching
+                   # (2: the project's image loader: EXIF orientation, 16-bit, alpha on white)
 JPEG_QUALITY = 85
 BATCH = 64         # images per worker task: amortises inter-process overhead
 MAX_PENDING = 8    # batches in flight: bounds memory held by queued image bytes
@@ -88,19 +91,13 @@ def make_thumbnail(data: bytes, size: int) -> bytes:
     head = jpeg_size(data)
     if head and max(head[:2]) <= size and head[2] in (1, 3):  # grey or YCbCr: browsers show it as is
         return data
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (size, size))  # decode at reduced scale: much faster for large JPEGs
-        im = im.convert("RGBA") if im.mode in ("P", "LA", "PA") else im
-        if im.mode == "RGBA":  # flatten transparency on white rather than black
-            bg = Image.new("RGB", im.size, "white")
-            bg.paste(im, mask=im.getchannel("A"))
-            im = bg
-        im = im.convert("RGB")
-        im.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=JPEG_QUALITY)
-        return buf.getvalue()
+    # The project's loader (EXIF orientation, 16-bit, transparency on white); JPEGs decode at a
+    # reduced scale (draft), much faster for large ones.
+    im = open_image(data, "thumbnail source", draft=(size, size))
+    im.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
 
 
 def write_thumbnails(jobs: list[tuple[bytes, int, str]]) -> tuple[int, float]:
