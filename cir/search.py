@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from datagen.base.errors import InputNotFound
+
 from .model import RunModel, load_run
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -19,7 +21,7 @@ class GalleryIndex:
         gallery = Path(gallery)
         paths = sorted(p for p in gallery.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
-            raise FileNotFoundError(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise InputNotFound(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         model = model or load_run(run)
         return cls(model, paths, model.encode_images(paths))
 
