@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from datagen.base.errors import InputError
+
 
 @dataclass
 class TrainConfig:
@@ -102,10 +104,11 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
+        raise InputError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
     steps_per_epoch = n_items // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{n_items} items is less than one batch of {cfg.batch_size}")
+        raise InputError(f"{n_items} items is less than one batch of {cfg.batch_size} (train.batch_size); "
+                         f"use more data or a smaller batch")
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
