@@ -25,13 +25,21 @@ class _Group(click.Group):
         except CirgenError as e:
             raise _Fail(" ".join(str(e).split()) or type(e).__name__) from None
         except click.UsageError as e:        # one line too, instead of usage + hint + message
+            if isinstance(e, _HELP):
+                raise
             raise _one_line(e, ctx) from None
 
     def parse_args(self, ctx, args):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as e:        # a bad option of `cirgen` itself
+            if isinstance(e, _HELP):
+                raise
             raise _one_line(e, ctx) from None
+
+
+# click >= 8.2 shows a group's help for no arguments by raising this usage error: keep it as is.
+_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _one_line(e: click.UsageError, ctx: click.Context) -> _Fail:

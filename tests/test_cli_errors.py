@@ -91,6 +91,9 @@ def test_bad_shard_is_refused_without_asserts(tmp_path):
 
 
 def test_usage_errors_are_one_line():
+    for args in ([], ["benchmark"]):                  # no arguments: the help, not an error
+        res = _runner().invoke(main, args, prog_name="cirgen")
+        assert "Commands:" in res.stdout + res.stderr and "error:" not in res.stdout + res.stderr
     assert_one_error_line(["triplets", "--n", "x", "--out", "o"], "--n", "cirgen triplets --help")
     assert_one_error_line(["no-such-command"], "no-such-command")
     assert_one_error_line(["--no-such-option"], "--no-such-option")
