@@ -14,7 +14,8 @@ class _Fail(click.ClickException):
 
 
 class _Group(click.Group):
-    """The one place where a user-facing error (`CirgenError`) becomes `error: ...` and exit 1."""
+    """The one place where a user-facing error (`CirgenError`) becomes `error: ...` and exit 1, and
+    a bad argument (click's usage error: unknown option, wrong type) `error: ...` and exit 2."""
 
     def invoke(self, ctx):
         from datagen.base.errors import CirgenError
@@ -23,12 +24,45 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except CirgenError as e:
             raise _Fail(" ".join(str(e).split()) or type(e).__name__) from None
+        except click.UsageError as e:        # one line too, instead of usage + hint + message
+            if isinstance(e, _HELP):
+                raise
+            raise _one_line(e, ctx) from None
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:        # a bad option of `cirgen` itself
+            if isinstance(e, _HELP):
+                raise
+            raise _one_line(e, ctx) from None
+
+
+# click >= 8.2 shows a group's help for no arguments by raising this usage error: keep it as is.
+_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _one_line(e: click.UsageError, ctx: click.Context) -> _Fail:
+    where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+    fail = _Fail(f"{' '.join(e.format_message().split())} (see {where} --help)")
+    fail.exit_code = e.exit_code
+    return fail
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cirgen")
 def main() -> None:
     """cirgen: synthetic triplets and two-stage training for zero-shot composed image retrieval."""
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N) with 0 <= I < N (a real check: `python -O` drops asserts)."""
+    parts = text.split("/")
+    if len(parts) == 2 and all(p.strip().isdecimal() for p in parts):
+        i, k = int(parts[0]), int(parts[1])
+        if i < k:
+            return i, k
+    raise _Fail(f"--shard {text!r}: expected I/N with whole numbers 0 <= I < N, e.g. 0/4")
 
 
 @main.command()
@@ -58,14 +92,7 @@ def triplets(n, out, recipe, quality, seed, workers, shard, ray_address, overrid
         recipe = f"shapes-{quality}"
     if n <= 0:
         raise _Fail(f"--n must be a positive number of triplets, got {n}")
-    shard_t = None
-    if shard:
-        try:
-            i, k = (int(x) for x in shard.split("/"))
-            assert 0 <= i < k
-            shard_t = (i, k)
-        except (ValueError, AssertionError):
-            raise _Fail(f"--shard {shard!r}: expected I/N with 0 <= I < N") from None
+    shard_t = _parse_shard(shard) if shard is not None else None
     r = load_gen_recipe(recipe, list(overrides))
     path = str(resolve_recipe_path(recipe, "gen"))
     log = (lambda s: click.echo(s, err=True)) if not as_json else (lambda s: None)
@@ -237,10 +264,7 @@ def benchmark_shapes(fmt, out, queries, seed, resolution, splits, overwrite) -> 
     """Held-out shapes scenes and phrasing in the exact CIRR or CIRCO layout."""
     from datagen.world.benchmark import write_shapes_benchmark
 
-    try:
-        summary = write_shapes_benchmark(out, fmt, queries, seed, resolution, tuple(splits) or ("val",), overwrite)
-    except (ValueError, FileExistsError) as e:
-        raise _Fail(str(e)) from None
+    summary = write_shapes_benchmark(out, fmt, queries, seed, resolution, tuple(splits) or ("val",), overwrite)
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from datagen.base.errors import InputError, InputNotFound
+
 from .adapters import ComposeConfig, Composer
 from .clip import CIRClip
 from .mapping import Mapping, MappingConfig
@@ -112,9 +114,9 @@ class CIRModel(nn.Module):
                 own.update({f"clip.{k}": v for k, v in self.clip.clip.state_dict().items()})
         for k, v in state.items():
             if k not in own:
-                raise ValueError(f"{path}: unexpected key {k!r} for this model configuration")
+                raise InputError(f"{path}: unexpected key {k!r} for this model configuration")
             if own[k].shape != v.shape:
-                raise ValueError(f"{path}: key {k!r} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+                raise InputError(f"{path}: key {k!r} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
         self.mapping.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("mapping.")})
         if self.composer is not None and self.composer.cfg.mode != "full":
             self.composer.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("composer.")})
@@ -129,7 +131,7 @@ def load_run(path: str | Path, device: str = "cpu", use_composer: bool = True) -
     path = Path(path)
     meta_path = path / "model.json"
     if not meta_path.exists():
-        raise ConfigError(f"{path}: not a cirgen model run (no model.json)")
+        raise InputNotFound(f"{path}: not a cirgen model run (no model.json)")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != MODEL_FORMAT:
         raise ConfigError(f"{meta_path}: format {meta.get('format')!r}; this cirgen reads {MODEL_FORMAT!r} "
@@ -137,7 +139,7 @@ def load_run(path: str | Path, device: str = "cpu", use_composer: bool = True) -
     clip = CIRClip.load(meta["clip"]["name"], meta["clip"].get("pretrained"), device,
                         random_init=meta["clip"].get("random_init", False))
     if meta.get("clip_weights_id") not in (None, clip.weights_id):
-        raise ValueError(f"{path}: trained on CLIP weights {meta['clip_weights_id']}, "
+        raise InputError(f"{path}: trained on CLIP weights {meta['clip_weights_id']}, "
                          f"but {meta['clip']['name']} loads {clip.weights_id}")
     model = CIRModel(clip, from_dict(MappingConfig, meta["mapping"]),
                      from_dict(ComposeConfig, meta["composer"]) if meta.get("composer") else None, meta["clip"])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from datagen.base.errors import InputNotFound
+
 from .model import RunModel, load_run
 from .prompts import fill_template
 
@@ -28,7 +30,7 @@ class GalleryIndex:
             raise InputError(f"{gallery}: gallery folder not found")
         paths = sorted(p for p in gallery.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
-            raise InputError(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise InputNotFound(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         model = model or load_run(run)
         return cls(model, paths, model.encode_images(paths))
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datagen.base.errors import InputError
 from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
                                  init_token_table)
 from datagen.world.editor import sample_edit
@@ -287,7 +288,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
         prev = {k: v for k, v in asdict(from_dict(PretrainConfig, json.loads(cfg_path.read_text()))).items()
                 if k not in RUNTIME_KNOBS}
         if prev != ident:
-            raise ValueError(f"{out} holds a run with a different config; use a new --out")
+            raise InputError(f"{out} holds a run with a different config; use a new --out")
     else:
         cfg_path.write_text(json.dumps(ident, indent=2))
 

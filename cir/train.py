@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from datagen.base.errors import InputError
+
 
 @dataclass
 class TrainConfig:
@@ -125,9 +127,9 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
+        raise InputError(f"batch_size {cfg.batch_size} is not divisible by {world} ranks")
     if n_items < world:
-        raise ValueError(f"{n_items} items cannot fill a batch on {world} ranks")
+        raise InputError(f"{n_items} items cannot fill a batch on {world} ranks")
     if n_items < cfg.batch_size:
         # Fewer items than one batch (a small quantity in a data study): every step sees them all.
         cfg = dataclasses.replace(cfg, batch_size=n_items - n_items % world)

@@ -19,7 +19,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from .base.errors import InputError, InputNotFound, MachineError, os_error_line
+
 SHAPES_CLIP = "shapes-clip"
+# Missing weights named like a file (or a path) are a missing file, not an open_clip tag to look up.
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 TOKEN_INIT_STD = 0.02
 
 
@@ -100,15 +104,28 @@ def load_weights_file(model, path: str | Path) -> None:
 
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except OSError as e:
+            raise MachineError(os_error_line(e, path)) from None
+        except SafetensorError as e:
+            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
         state = expand_state_dict(tensors, meta)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError as e:
+            raise MachineError(os_error_line(e, path)) from None
+        except Exception as e:                  # noqa: BLE001 - pickle/zip/torch raise many types
+            raise InputError(f"{path}: not a weights file (.safetensors, or a torch checkpoint that "
+                             f"loads with weights_only=True; {type(e).__name__})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise InputError(f"{path}: not a state dict ({type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -118,7 +135,7 @@ def load_weights_file(model, path: str | Path) -> None:
         detail = (f"shape mismatch at {bad[0]!r} ({tuple(state[bad[0]].shape)} in file, "
                   f"{tuple(own[bad[0]].shape)} in model)" if bad else
                   f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}")
-        raise ValueError(f"{path}: checkpoint does not fit this architecture: {detail} "
+        raise InputError(f"{path}: checkpoint does not fit this architecture: {detail} "
                          f"({len(bad)} mismatched, {len(missing)} missing, {len(unexpected)} unexpected)")
     model.load_state_dict(state)
 
@@ -155,6 +172,11 @@ def _weights_source(name: str, pretrained: str | None) -> str | None:
     return str(shipped_weights()) if name == SHAPES_CLIP and pretrained is None else pretrained
 
 
+def _looks_like_path(source: str) -> bool:
+    """A missing file given as weights (not an open_clip tag such as `openai` or `hf-hub:org/x`)."""
+    return not source.startswith("hf-hub:") and ("/" in source or Path(source).suffix in WEIGHT_SUFFIXES)
+
+
 def weights_identity(name: str = SHAPES_CLIP, pretrained: str | None = None, random_init: bool = False) -> str:
     """What `load_clip(...).weights_id` will be, without building the model: a local file's content
     hash, `name:tag` for an open_clip tag, "random" for random weights. The study keys its outputs
@@ -178,6 +200,8 @@ def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: st
     import torch
 
     source = None if random_init else _weights_source(name, pretrained)
+    if source is not None and not Path(source).exists() and _looks_like_path(source):
+        raise InputNotFound(f"{source}: weights file not found")
     if source is not None and not Path(source).exists():      # an open_clip pretrained tag
         _register_shapes_config()
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source, device="cpu")

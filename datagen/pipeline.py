@@ -201,6 +201,11 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
         from .images import ShapesImages
 
         ShapesImages.check(recipe)      # before anything is written
+    from .text.sources import check_text_inputs, pool_counts
+
+    pool_report = check_text_inputs(recipe)   # a bad caption/topics/vocabulary file fails here, before
+    if pool_report:                           # anything is written; its counts go to log and stats
+        log(f"caption pool {pool_report['source']}: {pool_counts(pool_report)}")
     run = open_dataset(out, recipe, seed, n, recipe_path)
     removed = clean_temp_files(out)
     if removed:
@@ -245,6 +250,8 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
         log(f"{out}: another run changed the target meanwhile; that run writes stats.json")
         return {}
     stats = aggregate_stats(out, list(range(p.num_units)))
+    if pool_report:
+        stats["caption_pool"] = pool_report
     write_atomic(out / "stats.json", (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
     write_card(out, run, stats)
     stats["wall_seconds"] = round(time.time() - t0, 3)
@@ -315,6 +322,10 @@ def summary_lines(stats: dict) -> list[str]:
     dup = stats.get("near_duplicates_cross_unit")
     if dup:
         lines.append(f"near-duplicates across units (listed in stats.json, not removed): {dup['count']}")
+    if stats.get("caption_pool"):
+        from .text.sources import pool_counts
+
+        lines.append(f"caption pool {stats['caption_pool']['source']}: {pool_counts(stats['caption_pool'])}")
     if "wall_seconds" in stats:
         lines.append(f"wall time this run: {stats['wall_seconds']:.1f} s")
     return lines

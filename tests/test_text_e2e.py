@@ -45,10 +45,13 @@ def test_file_captions_keywords_and_paired_images(tmp_path, tiny_sd):
     caps = ["a dog running on the beach", "zzz qqq 1", "a red car parked on a street", "zzz qqq 2",
             "two cats sleeping on a sofa", "a boat on a lake at sunset", "zzz qqq 3"]
     f = tmp_path / "caps.txt"
-    f.write_text("\n".join(caps) + "\n")
+    f.write_text("\n".join(caps + ["a boat on a lake at sunset", "\x00\x00"]) + "\n")   # 1 duplicate, 1 NUL row
     out = tmp_path / "ds"
-    stats = generate(recipe(f, tiny_sd, "edits.backend=keywords"), out, 5, **QUIET)
+    stats = generate(recipe(f, tiny_sd, "edits.backend=keywords", "captions.bad_rows=skip"), out, 5, **QUIET)
     assert stats["kept"] == 5
+    pool = json.loads((out / "stats.json").read_text())["caption_pool"]     # the pool's counts are reported
+    assert pool["source"] == "caps.txt" and pool["rows"] == 9 and pool["captions"] == 7
+    assert pool["bad_rows"] == 1 and pool["exact_duplicates"] == 1
     kept, rejected = rows(out, "shards"), rows(out, "rejects")
     assert Counter(r["reject_reason"] for r in rejected) == Counter(stats["rejected"])
     assert set(stats["rejected"]) <= {"text_no_keyword", "text_noop"} and stats["rejected"]["text_no_keyword"] >= 1
@@ -57,7 +60,8 @@ def test_file_captions_keywords_and_paired_images(tmp_path, tiny_sd):
         assert r["source_caption"] in caps and not r["source_caption"].startswith("zzz")
         assert g["captions"]["file"] == "caps.txt" and g["edits"]["backend"] == "keywords"
         assert g["images"]["backend"] == "diffusers-paired" and r["reference_image"]["bytes"]
-    assert generate(recipe(f, tiny_sd, "edits.backend=keywords"), out, 5, **QUIET)["kept"] == 5   # resume: no-op
+    assert generate(recipe(f, tiny_sd, "edits.backend=keywords", "captions.bad_rows=skip"), out, 5,
+                    **QUIET)["kept"] == 5   # resume: no-op
 
 
 @pytest.mark.slow

@@ -328,3 +328,90 @@ def test_run_unit_counts_text_rejects_by_reason(tmp_path):
     run_unit(r, 0, 0, 10, out2, stages)
     strip = lambda rows: [{k: v for k, v in x.items() if not k.startswith("seconds_")} for x in rows]  # noqa: E731
     assert strip(pq.read_table(out2 / "shards" / "000000.parquet").to_pylist()) == strip(kept)
+
+
+# ---- every input text file: control characters, counts, checked before anything is written ------
+
+def test_nul_rows_are_bad_rows_and_control_characters_are_replaced_and_counted(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_bytes(b"a dog\n\x00\x00\x00\na red\x07car\x1b[0m here\nhalf\x00nul\na cat\n")
+    with pytest.raises(CaptionSourceError, match=r"c\.txt:2: contains NUL characters"):
+        build_pool(read_rows(f))
+    pool = build_pool(read_rows(f), bad_rows="skip")
+    assert pool.captions == ["a dog", "a red car [0m here", "a cat"]
+    assert not any(ch in c for c in pool.captions for ch in "\x00\x07\x1b")
+    assert pool.report["bad_rows"] == 2 and pool.report["control_chars"] == 1
+    assert "c.txt:4: contains NUL" in pool.report["first_bad_rows"][1]
+    # the same rules for columnar sources
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"caption": ["a dog\x00", "a\x7fcat"]}), p)
+    pool = build_pool(read_rows(p), bad_rows="skip")
+    assert pool.captions == ["a cat"] and pool.report["bad_rows"] == 1 and pool.report["control_chars"] == 1
+
+
+def test_character_long_lines_count_as_too_long_without_max_words(tmp_path):
+    from datagen.text.sources import MAX_CAPTION_CHARS
+
+    f = tmp_path / "c.txt"
+    f.write_text("a dog\n" + "x" * 10_000 + "\n" + "a cat " * 2000 + "\na cat\n")
+    pool = build_pool(read_rows(f))
+    assert pool.captions == ["a dog", "a cat"] and pool.report["too_long"] == 2
+    assert all(len(c) <= MAX_CAPTION_CHARS for c in pool.captions)
+
+
+def test_empty_file_and_nothing_left_name_the_file_and_the_counts(tmp_path):
+    from datagen.text.sources import pool_counts
+
+    (tmp_path / "e.txt").write_bytes(b"")
+    with pytest.raises(CaptionSourceError, match=r"e\.txt: no caption rows"):
+        build_pool(read_rows(tmp_path / "e.txt"), name=str(tmp_path / "e.txt"))
+    (tmp_path / "b.txt").write_bytes(b"\xff\n\x00\n")
+    with pytest.raises(CaptionSourceError, match=r"b\.txt: no captions left after cleaning \(2 rows, 0 captions "
+                                                 r"kept; dropped: 2 bad rows\); first: .*b\.txt:1: not valid UTF-8"):
+        build_pool(read_rows(tmp_path / "b.txt"), bad_rows="skip", name="b.txt")
+    report = {"rows": 14, "bad_rows": 2, "control_chars": 1, "too_long": 1, "exact_duplicates": 5,
+              "near_duplicates": 1, "captions": 5}
+    assert pool_counts(report) == ("14 rows, 5 captions kept; dropped: 2 bad rows, 1 too long, 5 exact "
+                                   "duplicates, 1 near duplicates; control characters replaced in 1 rows")
+
+
+def _real(path, *extra):
+    """A real-caption recipe (diffusion images: nothing loads before the input check)."""
+    return recipe_for(path, "images.backend=diffusers-paired", "images.diffusion.model=/nonexistent/sd", *extra)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", r"no caption rows"),
+    (b"a dog\n\x00\n", r"c\.txt:2: contains NUL"),
+    (b"a dog\n\xff\n", r"c\.txt:2: not valid UTF-8"),
+])
+def test_a_bad_caption_file_fails_before_the_dataset_folder_is_written(tmp_path, content, match):
+    from datagen.pipeline import generate
+
+    f = tmp_path / "c.txt"
+    f.write_bytes(content)
+    out = tmp_path / "ds"
+    with pytest.raises(CaptionSourceError, match=match):
+        generate(_real(f), out, 4, progress=False, log=lambda s: None, workers=1)
+    assert not out.exists()
+
+
+def test_check_text_inputs_reads_every_input_file(tmp_path):
+    from datagen.text.sources import check_text_inputs
+
+    f = tmp_path / "c.txt"
+    f.write_text("a dog\na dog\na cat\n")
+    report = check_text_inputs(_real(f))
+    assert report["source"] == "c.txt" and report["captions"] == 2 and report["exact_duplicates"] == 1
+    vocab = tmp_path / "v.yaml"
+    vocab.write_text("categories: [1, 2]\ntemplates: {generic: ['{target}']}\n")
+    with pytest.raises(ConfigError, match=r"v\.yaml: not a keyword vocabulary"):
+        check_text_inputs(_real(f, f"edits.vocabulary={vocab}"))
+    ex = tmp_path / "ex.yaml"
+    ex.write_bytes(b"examples: [\xff]\n")
+    with pytest.raises(ConfigError, match=r"ex\.yaml: cannot read examples"):
+        check_text_inputs(_real(f, "edits.backend=openai", "edits.llm.model=m", f"edits.examples_file={ex}"))
+    topics = tmp_path / "t.txt"
+    topics.write_bytes(b"dogs\n# a comment\nca\x00ts\n")
+    with pytest.raises(CaptionSourceError, match=r"t\.txt:3: contains NUL"):
+        check_text_inputs(_real(f, "captions.source=llm", "captions.llm.model=m", f"captions.topics_file={topics}"))

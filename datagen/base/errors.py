@@ -18,6 +18,10 @@ class InputError(CirgenError, ValueError):
     """A bad argument, recipe value or input file (generic; prefer a module's own subclass)."""
 
 
+class InputNotFound(CirgenError, FileNotFoundError):
+    """A named input (a file, a folder, a model run) is missing or holds nothing usable."""
+
+
 class MachineError(CirgenError, OSError):
     """The machine refused: disk full, permission denied, read-only file system. The message names
     the path and the errno's meaning."""

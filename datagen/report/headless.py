@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-INSTALL_HINT = "install them with `apt-get install -y chromium chromium-driver` (.ci/run does)"
+INSTALL_HINT = "install them with `apt-get install -y chromium chromium-driver` (bash tests/setup_and_test.sh does)"
 
 OFFLINE_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",

@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from ..assets import asset_path
+from ..config import ConfigError
 from ..candidate import Candidate
 
 _WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")
@@ -70,13 +71,21 @@ class Vocabulary:
 
 @lru_cache(maxsize=None)
 def load_vocabulary(path: str = "") -> Vocabulary:
+    """The keyword vocabulary YAML at `path` ("" = shipped); ConfigError naming the file if it is
+    unreadable or not a vocabulary."""
     file = Path(path) if path else asset_path("prompts", "keywords.yaml")
     try:
         data = yaml.safe_load(file.read_text())
         cats, plurals, tpl = data["categories"], dict(data.get("plurals") or {}), data["templates"]
         generic = tuple(tpl["generic"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise ValueError(f"{file}: not a keyword vocabulary ({e})") from None
+        return _vocabulary(file, cats, plurals, tpl, generic)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{file}: not a keyword vocabulary ({type(e).__name__}: {e})") from None
+
+
+def _vocabulary(file: Path, cats: dict, plurals: dict, tpl: dict, generic: tuple) -> Vocabulary:
+    """The checked vocabulary; a wrong shape (KeyError, TypeError, AttributeError) is reported by
+    the caller, a wrong value here as ConfigError naming the file and the entry."""
     surfaces: dict = {}
     for cat, spec in cats.items():
         for term, repl in spec["terms"].items():
@@ -84,20 +93,20 @@ def load_vocabulary(path: str = "") -> Vocabulary:
             t = Term(cat, term, tuple(str(r).lower() for r in repl), bool(spec.get("nouns")),
                      bool(spec.get("before_word")))
             if not t.replacements or term in t.replacements or len(term.split()) > _MAX_TERM_WORDS:
-                raise ValueError(f"{file}: {cat}.{term}: needs replacements other than itself")
+                raise ConfigError(f"{file}: {cat}.{term}: needs replacements other than itself")
             forms = [(term, False)] + ([(plural(term, plurals), True)] if t.noun else [])
             for surface, is_pl in forms:
                 if surface in surfaces and surfaces[surface][0].category != cat:
-                    raise ValueError(f"{file}: {surface!r} is in both {surfaces[surface][0].category} "
-                                     f"and {cat}; a term must have one meaning")
+                    raise ConfigError(f"{file}: {surface!r} is in both {surfaces[surface][0].category} "
+                                      f"and {cat}; a term must have one meaning")
                 surfaces.setdefault(surface, (t, is_pl))
     by_cat = {k: tuple(v) for k, v in tpl.items() if k != "generic"}
     for name, lst in [("generic", generic), *by_cat.items()]:
         for s in lst:
             if "{target}" not in s and "{a_target}" not in s:
-                raise ValueError(f"{file}: template {s!r} ({name}) does not name the target")
+                raise ConfigError(f"{file}: template {s!r} ({name}) does not name the target")
             if re.sub(r"\{(source|target|a_source|a_target)\}", "", s).count("{"):
-                raise ValueError(f"{file}: template {s!r} ({name}) has an unknown slot")
+                raise ConfigError(f"{file}: template {s!r} ({name}) has an unknown slot")
     return Vocabulary(surfaces, plurals, generic, by_cat)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from ..assets import asset_path
+from ..config import ConfigError
 from ..filters import normalise
 
 SEP_PROMPT = "\n##\n"      # ends the caption (IP2P)
@@ -99,11 +100,11 @@ def _load_yaml_list(path: str, default: tuple[str, ...]) -> tuple[Path, list]:
     file = Path(path) if path else asset_path(*default)
     try:
         data = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{file}: cannot read examples ({e})") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{file}: cannot read examples ({e})") from None
     items = data.get("examples") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{file}: expected a mapping with a non-empty list `examples`")
+        raise ConfigError(f"{file}: expected a mapping with a non-empty list `examples`")
     return file, items
 
 
@@ -117,11 +118,11 @@ def load_edit_examples(path: str = "") -> tuple[EditExample, ...]:
             ex = EditExample(str(it["caption"]).strip(), str(it["instruction"]).strip(),
                              str(it["edited_caption"]).strip())
         except (KeyError, TypeError):
-            raise ValueError(f"{file}: examples[{i}] needs caption, instruction and edited_caption") from None
+            raise ConfigError(f"{file}: examples[{i}] needs caption, instruction and edited_caption") from None
         p = parse_edit(edit_reply_json(ex), ex.caption, "chat")
         q = parse_edit(edit_completion(ex), ex.caption, "completion")
         if not (p.ok and q.ok):
-            raise ValueError(f"{file}: examples[{i}] is rejected by the parser ({p.reason or q.reason})")
+            raise ConfigError(f"{file}: examples[{i}] is rejected by the parser ({p.reason or q.reason})")
         out.append(ex)
     return tuple(out)
 
@@ -132,7 +133,7 @@ def load_caption_examples(path: str = "") -> tuple[CaptionExample, ...]:
     try:
         return tuple(CaptionExample(str(it["topic"]).strip(), str(it["caption"]).strip()) for it in items)
     except (KeyError, TypeError):
-        raise ValueError(f"{file}: every example needs topic and caption") from None
+        raise ConfigError(f"{file}: every example needs topic and caption") from None
 
 
 def pick_examples(examples: tuple, k: int, rng: np.random.Generator) -> list:

@@ -1,11 +1,14 @@
 """Caption sources for real captions: a file, a HF dataset saved to disk, or an LLM with topics.
 
-Files and datasets are read once into a cleaned *pool*: whitespace collapsed, bad rows (empty
-caption, broken CSV/JSONL row, undecodable line) either stop the run with `file:line: why` or are
-skipped and counted (`captions.bad_rows`), over-long captions skipped and counted, exact and near
-duplicates removed and counted (`datagen.text.dedup`). The counts are in `source.report` and
-logged. Candidates take captions from the pool by `datagen.text.assign` (deterministic in
-(seed, unit, j)); each triplet records the pool row and the pool fingerprint it came from.
+Files and datasets are read once into a cleaned *pool*: whitespace collapsed, other control
+characters replaced by a space (rows counted), bad rows (empty caption, broken CSV/JSONL row,
+undecodable line, a NUL character: a binary or UTF-16 file) either stop the run with
+`file:line: why` or are skipped and counted (`captions.bad_rows`), over-long captions (more than
+`captions.max_words` words or `MAX_CAPTION_CHARS` characters) skipped and counted, exact and near
+duplicates removed and counted (`datagen.text.dedup`). The counts are in `Pool.report`; the
+pipeline checks every input text file with `check_text_inputs` before it writes anything and
+reports the counts in the log, the summary and stats.json (`caption_pool`). Candidates take
+captions from the pool by `datagen.text.assign` (deterministic in (seed, unit, j)); each triplet records the pool row and the pool fingerprint it came from.
 
 The LLM source writes one caption per candidate about a topic (same backends and parser style
 as the edits stage); near-duplicates of earlier captions *of the same unit* are rejected as
@@ -19,12 +22,13 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from ..base.errors import CirgenError
+from ..base.errors import CirgenError, os_error_line
 from ..candidate import Candidate
 from .assign import SlotAssigner
 from .dedup import NearDupIndex
@@ -35,6 +39,11 @@ from .prompt import (CAPTION_SCHEMA, caption_messages, caption_prompt, load_capt
 log = logging.getLogger("datagen.captions")
 TEXT_SUFFIXES = (".txt",)
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+# A caption is a sentence or two (CLIP reads 77 tokens): a longer "line" is a file problem (a
+# paragraph, a minified JSON blob, a binary file with few newlines), skipped and counted as too long.
+MAX_CAPTION_CHARS = 2000
+# C0/C1 control characters that str.split() does not treat as whitespace (NUL is a bad row instead).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class CaptionSourceError(CirgenError, ValueError):
@@ -203,17 +212,34 @@ def read_rows(path: str | Path, column: str = "caption", split: str | None = Non
 
 # ---- the pool -----------------------------------------------------------------------------------
 
+def _clean(text: str) -> tuple[str | None, str, bool]:
+    """(cleaned caption or None, problem, whether control characters were replaced)."""
+    text = " ".join(text.split())
+    if "\x00" in text:
+        return None, "contains NUL characters (a binary or UTF-16 file?)", False
+    if _CONTROL.search(text):
+        return " ".join(_CONTROL.sub(" ", text).split()), "", True
+    return text, "", False
+
+
 def build_pool(rows: Iterator[Row], bad_rows: str = "error", max_words: int = 0, dedup: str = "near",
                near_threshold: float = 0.8, name: str = "") -> Pool:
+    """The cleaned, deduplicated pool of `rows` (see the module docstring).
+
+    `report` counts: rows read, bad_rows (skipped), control_chars (rows whose control characters
+    were replaced by spaces), too_long, exact_duplicates, near_duplicates, captions (kept), and
+    first_bad_rows (up to 3 `where: why`). Raises CaptionSourceError naming `name` (and the line)
+    for a bad row when `bad_rows` is "error", and when no caption is left."""
     index = NearDupIndex(near_threshold, near=dedup == "near") if dedup != "none" else None
     caps, ids = [], []
-    report = {"rows": 0, "bad_rows": 0, "too_long": 0, "exact_duplicates": 0, "near_duplicates": 0}
+    report = {"rows": 0, "bad_rows": 0, "control_chars": 0, "too_long": 0, "exact_duplicates": 0,
+              "near_duplicates": 0}
     first_bad: list[str] = []
     for r in rows:
         report["rows"] += 1
-        text = " ".join(r.text.split()) if r.text is not None else None
+        text, problem, cleaned = _clean(r.text) if r.text is not None else (None, r.problem, False)
         if not text:
-            problem = r.problem or "empty caption"
+            problem = problem or r.problem or "empty caption"
             if bad_rows == "error":
                 raise CaptionSourceError(f"{r.where}: {problem} (set captions.bad_rows: skip to skip "
                                          f"and count such rows)")
@@ -221,7 +247,8 @@ def build_pool(rows: Iterator[Row], bad_rows: str = "error", max_words: int = 0,
             if len(first_bad) < 3:
                 first_bad.append(f"{r.where}: {problem}")
             continue
-        if max_words and len(text.split()) > max_words:
+        report["control_chars"] += int(cleaned)
+        if (max_words and len(text.split()) > max_words) or len(text) > MAX_CAPTION_CHARS:
             report["too_long"] += 1
             continue
         if index is not None and not index.add(text):
@@ -233,17 +260,36 @@ def build_pool(rows: Iterator[Row], bad_rows: str = "error", max_words: int = 0,
     report["captions"] = len(caps)
     if first_bad:
         report["first_bad_rows"] = first_bad
+    if not report["rows"]:
+        raise CaptionSourceError(f"{name}: no caption rows (an empty file or dataset)")
     if not caps:
-        raise CaptionSourceError(f"{name}: no captions left after cleaning ({report})")
+        raise CaptionSourceError(f"{name}: no captions left after cleaning ({pool_counts(report)})"
+                                 + (f"; first: {first_bad[0]}" if first_bad else ""))
     fp = hashlib.sha256("\n".join(caps).encode()).hexdigest()[:16]
     return Pool(caps, ids, fp, report)
+
+
+def pool_counts(report: dict) -> str:
+    """The counts of a pool report in words: `14 rows, 6 captions kept; dropped: 2 bad rows, ...`."""
+    dropped = [f"{report[k]} {label}" for k, label in (
+        ("bad_rows", "bad rows"), ("too_long", "too long"), ("exact_duplicates", "exact duplicates"),
+        ("near_duplicates", "near duplicates")) if report.get(k)]
+    line = f"{report['rows']} rows, {report.get('captions', 0)} captions kept"
+    line += "; dropped: " + (", ".join(dropped) if dropped else "none")
+    if report.get("control_chars"):
+        line += f"; control characters replaced in {report['control_chars']} rows"
+    return line
 
 
 @lru_cache(maxsize=4)
 def _cached_pool(kind: str, path: str, stamp: tuple, column: str, split, bad_rows: str, max_words: int,
                  dedup: str, near_threshold: float) -> Pool:
-    pool = build_pool(read_rows(path, column, split, kind), bad_rows, max_words, dedup, near_threshold, path)
-    log.info("%s: %s", path, pool.report)
+    try:
+        pool = build_pool(read_rows(path, column, split, kind), bad_rows, max_words, dedup, near_threshold,
+                          path)
+    except OSError as e:                        # unreadable: permission, a folder named x.txt, I/O error
+        raise CaptionSourceError(f"cannot read the caption source: {os_error_line(e)}") from None
+    log.info("%s: %s", path, pool_counts(pool.report))
     return pool
 
 
@@ -256,6 +302,28 @@ def load_pool(cfg) -> Pool:
     stamp = tuple((str(q), q.stat().st_mtime_ns, q.stat().st_size) for q in files)
     return _cached_pool(cfg.source, str(p), stamp, cfg.column, cfg.split, cfg.bad_rows, cfg.max_words,
                         cfg.dedup, cfg.near_threshold)
+
+
+def check_text_inputs(recipe) -> dict | None:
+    """Read and check every input text file of a gen recipe (caption file or dataset, topics file,
+    keyword vocabulary, few-shot examples) so that a bad one fails before anything is written.
+
+    Returns the caption pool's report plus `source` (the path) for file / hf_disk captions (the
+    pool stays cached for the run), else None. Raises a CirgenError naming the file."""
+    from .keywords import load_vocabulary
+    from .prompt import load_edit_examples
+
+    cfg, edits = recipe.captions, recipe.edits
+    report = None
+    if cfg.source in ("file", "hf_disk"):
+        report = {"source": os.path.basename(os.path.normpath(cfg.path)), **load_pool(cfg).report}
+    elif cfg.source == "llm":
+        load_topics(cfg)
+    if edits.backend == "keywords":
+        load_vocabulary(edits.vocabulary)
+    elif edits.backend in ("transformers", "vllm", "openai"):
+        load_edit_examples(edits.examples_file)
+    return report
 
 
 # ---- pipeline components ------------------------------------------------------------------------
@@ -285,14 +353,21 @@ class PoolCaptions:
 
 
 def load_topics(cfg) -> list[str]:
+    """`captions.topics` plus the lines of `captions.topics_file` (blank and `#` lines left out),
+    exact duplicates once; CaptionSourceError naming the file and line for an unreadable one."""
     topics = [t.strip() for t in cfg.topics if t and t.strip()]
     if cfg.topics_file:
         p = Path(cfg.topics_file)
         try:
-            lines = p.read_text().splitlines()
+            lines = list(_lines(p))
         except OSError as e:
             raise CaptionSourceError(f"{p}: cannot read topics ({e.strerror})") from None
-        topics += [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+        for i, t, problem in lines:         # a hand-written list: a bad line is an error, not a skip
+            if t is None or "\x00" in t:
+                raise CaptionSourceError(f"{p}:{i}: {problem or 'contains NUL characters'}")
+            t = " ".join(_CONTROL.sub(" ", t).split())
+            if t and not t.startswith("#"):
+                topics.append(t)
     topics = list(dict.fromkeys(topics))        # exact duplicates once, order kept
     if not topics:
         raise CaptionSourceError("captions.source llm: the topic list is empty")

@@ -29,12 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..base.errors import CirgenError, InputError
 from .editor import Edit, sample_edit
 from .phrases import PhraseSet, load_phrases
 from .render import RenderConfig, encode, render
 from .scene import Scene, is_heldout, sample_scene
 
 FORMATS = ("cirr", "circo")
+
+
+class BenchmarkExists(CirgenError, FileExistsError):
+    """The benchmark folder exists and is not empty (and overwrite was not asked for)."""
+
 # Our edit types -> CIRCO semantic aspects.
 ASPECTS = {
     "add": "addition", "remove": "negation", "count": "cardinality",
@@ -94,15 +100,15 @@ def write_shapes_benchmark(out: str | Path, fmt: str = "cirr", n_queries: int = 
     annotation files, ground truth still in scenes.json). The folder appears atomically.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown benchmark format {fmt!r}; expected one of {FORMATS}")
+        raise InputError(f"unknown benchmark format {fmt!r}; expected one of {FORMATS}")
     if n_queries < 1:
-        raise ValueError(f"n_queries must be positive, got {n_queries}")
+        raise InputError(f"n_queries must be positive, got {n_queries}")
     bad = [s for s in splits if s not in ("val", "test")]
     if bad or not splits:
-        raise ValueError(f"splits must be val and/or test, got {list(splits)}")
+        raise InputError(f"splits must be val and/or test, got {list(splits)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+        raise BenchmarkExists(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
