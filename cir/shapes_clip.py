@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datagen.base.io import write_atomic_with
 from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
                                  init_token_table)
 from datagen.world.editor import sample_edit
@@ -265,12 +265,6 @@ def _lr_at(step: int, cfg: PretrainConfig) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
     """Train shapes-CLIP into `out/` (resumable: rerun with the same config to continue)."""
     from tqdm import tqdm
@@ -339,8 +333,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
         metrics_f.write(json.dumps(rec) + "\n")
         metrics_f.flush()
         if step % cfg.ckpt_every == 0 or step == total or step == cfg.stop_after:
-            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                                "elapsed": time.time() - t0}, state_path)
+            ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "elapsed": time.time() - t0}
+            write_atomic_with(state_path, lambda p: torch.save(ckpt, p))
         if cfg.stop_after is not None and step >= cfg.stop_after:
             break
     bar.close()
@@ -359,9 +354,7 @@ def export(model, seed: int, path: Path, extra_meta: dict | None = None) -> Path
 
     tensors, meta = compact_state_dict(model.state_dict(), seed, dtype=torch.float16)
     meta.update(extra_meta or {})
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_atomic_with(path, lambda p: save_file(tensors, str(p), metadata=meta))
     return path
 
 

@@ -10,6 +10,7 @@ makes a new key. Concurrent workers compute a gallery once: the first takes a fi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .base.io import write_atomic
 from .candidate import Candidate
 from .dedupe import nearest, phashes
 
@@ -51,6 +53,12 @@ def _cache_dir(folder: Path, cache_dir: str | None) -> Path:
     return Path.home() / ".cache" / "cirgen" / "contamination"
 
 
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def _cached(path: Path, compute) -> dict:
     """Load `path` (npz) or compute it once under a file lock and write it atomically."""
     import fcntl
@@ -61,10 +69,7 @@ def _cached(path: Path, compute) -> dict:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
                 arrays = compute()
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
-                    np.savez(f, **arrays)
-                os.replace(tmp, path)
+                write_atomic(path, _npz_bytes(arrays))
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 

@@ -1,6 +1,6 @@
 """Writing the dataset folder: run.json, atomic shard writes, stats.json and the dataset card.
 
-Every file is written to a temporary name and renamed into place (`write_atomic`, fsync'ed), so a
+Every file is written to a temporary name and renamed into place (`base.io.write_atomic`, fsync'ed), so a
 killed run leaves either the old file or the new one, never half of one; files whose content would
 not change are not touched (a rerun with nothing to do changes no file).
 
@@ -16,13 +16,9 @@ Crash and concurrency rules this module keeps:
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
-import re
-import secrets
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +29,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base.errors import CirgenError, MachineError, os_error_line
+from .base.errors import CirgenError, os_error_line
+from .base.io import HOST, machine_error, temp_owner, temp_path, write_atomic
 from .candidate import Candidate
 from .recipe import GenRecipe
 from .schema import FORMAT, SCHEMA_VERSION, STAGES, DatasetError
@@ -44,40 +41,14 @@ MAX_UNITS = 1_000_000
 # A temp file lives for one write (seconds); one older than this is a leftover whatever its PID
 # says (PIDs are reused, e.g. after a container restart, and other hosts' PIDs cannot be checked).
 STALE_TEMP_SECONDS = 3600
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
 
 
 class StoreError(CirgenError, ValueError):
     """The output folder cannot be used; nothing in it was changed."""
 
 
-def machine_error(e: OSError, path: Path | str) -> MachineError:
-    """One-line `MachineError` for an OSError while writing `path` (what to do when it is space)."""
-    hint = ("; free some space and rerun the same command to continue"
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
-    return MachineError(os_error_line(e, path) + hint)
-
-
 # ---------------------------------------------------------------------------------------------
-# Temp files and atomic writes
-
-def temp_path(path: Path) -> Path:
-    """A fresh temp name beside `path`: `.NAME~HOST~PID~TOKEN.tmp` (owner recognisable, unique)."""
-    return path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{secrets.token_hex(4)}.tmp")
-
-
-def _temp_owner(name: str) -> tuple[str, int] | None:
-    """(host, pid) of a cirgen temp file name, or None when the name is not one of ours.
-    Also reads the older form `.NAME.PID.tmp` (this host)."""
-    if not (name.startswith(".") and name.endswith(".tmp")):
-        return None
-    stem = name[1:-4]
-    parts = stem.rsplit("~", 3)
-    if len(parts) == 4 and parts[2].isdigit():
-        return parts[1], int(parts[2])
-    m = re.fullmatch(r".+\.(\d+)", stem)
-    return (_HOST, int(m[1])) if m else None
-
+# Temp files (written by `base.io.write_atomic`) left by killed runs
 
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
@@ -91,48 +62,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def write_atomic(path: Path, data: bytes | memoryview | pa.Buffer) -> bool:
-    """Write `data` to `path` via a fsync'ed temp file + rename; skip (return False) if the file
-    already holds exactly `data`. An OSError (disk full, read-only folder) removes the temp file
-    and raises `MachineError` naming `path`; the old file, if any, is untouched."""
-    data = memoryview(data)
-    try:
-        if path.is_file() and path.stat().st_size == data.nbytes and path.read_bytes() == data:
-            return False
-    except OSError:
-        pass                 # unreadable old file: replace it
-    tmp = temp_path(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(fd, "wb", closefd=True) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise machine_error(e, path) from None
-    _fsync_dir(path.parent)
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort: not every file system lets a folder be fsync'ed)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def clean_temp_files(out: Path) -> int:
     """Remove temp files that killed runs left behind; return how many. A temp file of a live
     process (another `--shard` run writing into this folder) is left alone."""
@@ -142,14 +71,14 @@ def clean_temp_files(out: Path) -> int:
         if not sub.is_dir():
             continue
         for p in sub.iterdir():
-            owner = _temp_owner(p.name)
+            owner = temp_owner(p.name)
             if owner is None or not p.is_file():
                 continue
             try:
                 stale = now - p.stat().st_mtime > STALE_TEMP_SECONDS
             except FileNotFoundError:
                 continue
-            if not stale and (owner[0] != _HOST or _pid_alive(owner[1])):
+            if not stale and (owner[0] != HOST or _pid_alive(owner[1])):
                 continue
             try:
                 p.unlink()
@@ -306,9 +235,9 @@ def _leftovers_only(out: Path) -> bool:
     try:
         for p in out.iterdir():
             if p.name in ("shards", "rejects") and p.is_dir():
-                if any(_temp_owner(q.name) is None for q in p.iterdir()):
+                if any(temp_owner(q.name) is None for q in p.iterdir()):
                     return False
-            elif _temp_owner(p.name) is None:
+            elif temp_owner(p.name) is None:
                 return False
     except OSError as e:
         raise machine_error(e, e.filename or out) from None

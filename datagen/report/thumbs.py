@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..base.io import write_atomic
+
 THUMB_VERSION = 1  # bump when the thumbnail recipe changes: old files then stop matching
 JPEG_QUALITY = 85
 BATCH = 64         # images per worker task: amortises inter-process overhead
@@ -118,10 +120,7 @@ def write_thumbnails(jobs: list[tuple[bytes, int, str]]) -> tuple[int, float]:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             thumb = placeholder(size)  # the right thumbnail for these bytes: shown, and cached
             bad += 1
-        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(thumb)
-        os.replace(tmp, path)
+        write_atomic(Path(path), thumb)
     return bad, time.process_time() - cpu0
 
 

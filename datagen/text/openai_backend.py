@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
+from ..base.io import write_atomic
 from .llm import Reply, Request, TextServerError
 
 _RETRY_STATUS = {408, 409, 425, 429}
@@ -116,9 +117,7 @@ class ReplyCache:
     def put(self, key: str, reply: Reply) -> None:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.{id(reply)}.tmp")
-        tmp.write_text(json.dumps({"text": reply.text, "finish_reason": reply.finish_reason}))
-        os.replace(tmp, p)
+        write_atomic(p, json.dumps({"text": reply.text, "finish_reason": reply.finish_reason}))
 
 
 class OpenAIGenerator:
