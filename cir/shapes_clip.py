@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datagen.base.device import resolve_device
 from datagen.base.io import write_atomic_with
 from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
                                  init_token_table)
@@ -285,7 +286,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
     else:
         cfg_path.write_text(json.dumps(ident, indent=2))
 
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model, preprocess, tokenizer = build_model(cfg.seed, cfg.model)
     model = model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)

@@ -12,21 +12,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from .base.device import DeviceError, check_device_name
 from .recipe import GenRecipe
 
 
-def gpus_per_worker(recipe: GenRecipe) -> float:
-    """One GPU per actor when a stage runs a neural model on an accelerator, else none."""
-    models = []     # devices of the stages that load a model in-process (an openai server is elsewhere)
+def model_devices(recipe: GenRecipe) -> list[tuple[str, str]]:
+    """(recipe field, device name) of every stage that loads a neural model in this process (an
+    openai-compatible server runs elsewhere; vLLM always runs on CUDA)."""
+    out = []
     if recipe.captions.source == "llm" and recipe.captions.llm_backend != "openai":
-        models.append("cuda" if recipe.captions.llm_backend == "vllm" else recipe.captions.llm.runtime.device)
+        out.append(("captions.llm_backend", "cuda") if recipe.captions.llm_backend == "vllm"
+                   else ("captions.llm.runtime.device", recipe.captions.llm.runtime.device))
     if recipe.edits.backend in ("transformers", "vllm"):
-        models.append("cuda" if recipe.edits.backend == "vllm" else recipe.edits.llm.runtime.device)
+        out.append(("edits.backend", "cuda") if recipe.edits.backend == "vllm"
+                   else ("edits.llm.runtime.device", recipe.edits.llm.runtime.device))
     if recipe.images.backend != "shapes":
-        models.append(recipe.images.diffusion.device)
+        out.append(("images.diffusion.device", recipe.images.diffusion.device))
     if recipe.filters.clip.enabled:
-        models.append(recipe.filters.clip.device)
-    return 1.0 if any(d != "cpu" for d in models) else 0.0
+        out.append(("filters.clip.device", recipe.filters.clip.device))
+    return out
+
+
+def gpus_per_worker(recipe: GenRecipe, cluster_gpus: float) -> float:
+    """GPUs each actor asks Ray for: 1 when a model stage names `cuda`/`cuda:N` (or is vLLM), or
+    says `auto` on a cluster that has GPUs; else 0 (`auto` on a CPU-only cluster is the CPU).
+    Raises DeviceError when a stage names CUDA and the cluster has no GPU (Ray would wait forever)."""
+    devices = [(f, check_device_name(d)) for f, d in model_devices(recipe)]
+    explicit = [(f, d) for f, d in devices if d.startswith("cuda")]
+    if explicit and cluster_gpus < 1:
+        f, d = explicit[0]
+        raise DeviceError(f"{f} is {d!r} but the Ray cluster has no GPU; use auto or cpu, or add GPU nodes")
+    if explicit or (cluster_gpus >= 1 and any(d == "auto" for _, d in devices)):
+        return 1.0
+    return 0.0
 
 
 class _UnitActor:
@@ -67,8 +85,8 @@ def run_units_ray(recipe: GenRecipe, seed: int, out: Path, todo: list[tuple[int,
                  log_to_driver=False, configure_logging=False)
         started = True
     try:
-        gpus = gpus_per_worker(recipe)
         res = ray.cluster_resources()
+        gpus = gpus_per_worker(recipe, res.get("GPU", 0))
         default = int(res.get("GPU", 0)) if gpus else int(res.get("CPU", 1))
         size = max(1, min(workers or default or 1, len(todo)))
         log(f"ray: {len(todo)} work units on {size} actor(s), {gpus:g} GPU each "
