@@ -29,6 +29,7 @@ from datagen.base.io import write_atomic
 from datagen.clip_loader import weights_identity
 from datagen.config import ConfigError, stable_hash, to_dict
 from datagen.recipe import load_recipe
+from datagen.stats import DatasetStats
 
 STUDY_METRICS = ("R@1", "R@5", "R@10", "R@50")
 
@@ -290,7 +291,8 @@ class Study:
         protocol = build_protocol(list(b.protocol))
         model = resolve_model(str(run), preprocess=protocol.preprocess, target_ratio=protocol.target_ratio)
         result = evaluate(model, b.name, bench, b.split, protocol, EvalOptions(), log=lambda s: None)
-        per_kept = 0.0 if cell.tier is None else gen_stats[cell.tier.name]["budget"]["seconds_per_kept"]
+        per_kept = (0.0 if cell.tier is None
+                    else DatasetStats.from_dict(gen_stats[cell.tier.name]).budget.seconds_per_kept)
         row = {"study_key": key, "recipe_hash": self.recipe_hash, "cell": cell.name,
                "tier": "stage1" if cell.tier is None else cell.tier.name, "quantity": cell.quantity,
                "seed": cell.seed, "gen_seconds": round(per_kept * cell.quantity, 2),

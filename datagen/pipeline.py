@@ -19,17 +19,20 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .base.errors import CirgenError
+from .base.io import write_atomic
 from .candidate import Candidate, candidate_seed
 from .captions import build_captions
 from .config import to_dict
+from .dedupe import cross_unit_report
 from .edits import build_edits
 from .filters import build_filters
 from .images import build_images
 from .recipe import GenRecipe
-from .schema import STAGES, build_schema
+from .schema import build_schema
+from .stats import DatasetStats, UnitStats
 from .store import (aggregate_stats, check_overwrite, check_request, check_unit, clean_temp_files,
                     open_dataset, probe_writable, read_run_json, remove_file, set_target, shard_path,
-                    to_table, write_atomic, write_card, write_table)
+                    to_table, write_card, write_table)
 
 MAX_CANDIDATES_PER_KEPT = 50  # give up on a unit whose filters reject (almost) everything
 
@@ -123,7 +126,7 @@ class _LazyScorer:
 
 
 def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
-             stages: Stages | None = None) -> dict:
+             stages: Stages | None = None) -> UnitStats:
     """Generate unit `unit` until it holds `count` kept triplets; write rejects, then the shard."""
     stages = stages or Stages(recipe, seed)
     kept: list[Candidate] = []
@@ -142,21 +145,7 @@ def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
         stages.run(batch)
         for c in batch:
             (kept if c.kept else rejected).append(c)
-    stats = {"unit": unit, "seed": seed, "recipe_hash": recipe.hash(), "kept": len(kept), "generated": j,
-             "rejected": {}, "failures_kept": {},
-             "failures_generated": {}, "edit_types": {}, "passes": {},
-             "seconds": {s: sum(c.seconds.get(s, 0.0) for c in kept + rejected) for s in STAGES}}
-    for c in kept + rejected:
-        if c.reject_reason:
-            stats["rejected"][c.reject_reason] = stats["rejected"].get(c.reject_reason, 0) + 1
-        f = c.failure or "none"
-        stats["failures_generated"][f] = stats["failures_generated"].get(f, 0) + 1
-        for p, ok in c.passes.items():
-            stats["passes"][p] = stats["passes"].get(p, 0) + int(bool(ok))
-    for c in kept:
-        f = c.failure or "none"
-        stats["failures_kept"][f] = stats["failures_kept"].get(f, 0) + 1
-        stats["edit_types"][c.edit_type] = stats["edit_types"].get(c.edit_type, 0) + 1
+    stats = UnitStats.from_candidates(unit, seed, recipe.hash(), kept, rejected)
     schema = stages.schema
     quality = recipe.quality.tier
     check_overwrite(out, unit, count)
@@ -164,10 +153,10 @@ def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
     # rejects file: 0-row parquet files break readers such as `datasets.load_dataset`.
     if rejected:
         write_table(to_table(rejected, schema, recipe.pipeline.unit_size, quality, False),
-                    shard_path(out, unit, rejects=True), stats)
+                    shard_path(out, unit, rejects=True), stats.to_dict())
     else:
         remove_file(shard_path(out, unit, rejects=True))
-    write_table(to_table(kept, schema, recipe.pipeline.unit_size, quality, True), shard_path(out, unit), stats)
+    write_table(to_table(kept, schema, recipe.pipeline.unit_size, quality, True), shard_path(out, unit), stats.to_dict())
     return stats
 
 
@@ -182,7 +171,7 @@ def _init_worker(recipe_dict: dict, seed: int, out: str) -> None:
     _WORKER.update(recipe=recipe, seed=seed, out=Path(out), stages=Stages(recipe, seed))
 
 
-def _work(task: tuple[int, int]) -> dict:
+def _work(task: tuple[int, int]) -> UnitStats:
     w = _WORKER
     return run_unit(w["recipe"], w["seed"], task[0], task[1], w["out"], w["stages"])
 
@@ -245,10 +234,13 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
         log(f"{out}: another run changed the target meanwhile; that run writes stats.json")
         return {}
     stats = aggregate_stats(out, list(range(p.num_units)))
-    write_atomic(out / "stats.json", (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
+    dd = recipe.filters.dedupe
+    if dd.enabled and dd.cross_unit_report:
+        stats.near_duplicates_cross_unit = cross_unit_report(out, range(p.num_units), dd.max_distance,
+                                                             dd.match, dd.channels)
+    write_atomic(out / "stats.json", json.dumps(stats.to_dict(), indent=2, sort_keys=True) + "\n")
     write_card(out, run, stats)
-    stats["wall_seconds"] = round(time.time() - t0, 3)
-    return stats
+    return {**stats.to_dict(), "wall_seconds": round(time.time() - t0, 3)}
 
 
 def _drop_empty_rejects(paths: list[Path], log: Callable[[str], None]) -> None:
@@ -292,29 +284,14 @@ def _run_units(recipe, seed, out, todo, workers, progress, total, done_before, r
             ctx = mp.get_context(method)
             with ctx.Pool(workers, initializer=_init_worker, initargs=(to_dict(recipe), seed, str(out))) as pool:
                 for st in pool.imap_unordered(_work, todo):
-                    bar.update(st["kept"])
+                    bar.update(st.kept)
     finally:
         bar.close()
 
 
 def summary_lines(stats: dict) -> list[str]:
-    b = stats["budget"]
-    lines = [f"kept {stats['kept']} of {stats['generated']} candidates (yield {100 * stats['yield']:.1f}%)"]
-    if stats["rejected"]:
-        lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["rejected"].items())))
-    fk = {k: v for k, v in stats["failures_kept"].items() if k != "none"}
-    if fk:
-        lines.append("injected failures among kept: " + ", ".join(f"{k} {v}" for k, v in sorted(fk.items())))
-    crit = stats.get("criteria") or {}
-    if crit:
-        lines.append("pass rate per criterion: " + ", ".join(
-            f"{k} {100 * v['pass_rate']:.1f}% of {v['evaluated']}" for k, v in crit.items() if v["evaluated"]))
-    lines.append("seconds per stage: " + ", ".join(f"{s} {v:.2f}" for s, v in b["seconds_per_stage"].items())
-                 + f" | {b['seconds_per_1k_kept']:.2f} s per 1k kept ({b['device']})"
-                 + (f", GPU {b['gpu_seconds_per_1k_kept']:.2f} s per 1k kept" if b.get("gpu_seconds") else ""))
-    dup = stats.get("near_duplicates_cross_unit")
-    if dup:
-        lines.append(f"near-duplicates across units (listed in stats.json, not removed): {dup['count']}")
+    """The lines `cirgen triplets` prints for `generate`'s summary (stats.json plus wall time)."""
+    lines = DatasetStats.from_dict(stats).summary_lines()
     if "wall_seconds" in stats:
         lines.append(f"wall time this run: {stats['wall_seconds']:.1f} s")
     return lines

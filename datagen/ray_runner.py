@@ -61,7 +61,7 @@ class _UnitActor:
 
         from .pipeline import run_unit
 
-        kept = [run_unit(self.recipe, self.seed, int(u), int(c), self.out, self.stages)["kept"]
+        kept = [run_unit(self.recipe, self.seed, int(u), int(c), self.out, self.stages).kept
                 for u, c in zip(batch["unit"], batch["count"])]
         return {"unit": np.asarray(batch["unit"]), "kept": np.asarray(kept)}
 

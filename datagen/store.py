@@ -34,6 +34,7 @@ from .base.io import HOST, machine_error, temp_owner, temp_path, write_atomic
 from .candidate import Candidate
 from .recipe import GenRecipe
 from .schema import FORMAT, SCHEMA_VERSION, STAGES, DatasetError
+from .stats import Budget, DatasetStats, UnitStats
 
 ROW_GROUP = 100  # rows per parquet row group: readers stream ~100 image pairs at a time
 # Shard files and candidate ids name a unit with six digits, so that name order is unit order.
@@ -528,13 +529,16 @@ def _damaged_error(path: Path, e: Exception) -> DatasetError:
                         f"and rerun the same `cirgen triplets` command to regenerate its unit")
 
 
-def unit_stats(out: Path, unit: int) -> dict:
+def unit_stats(out: Path, unit: int) -> UnitStats:
     """The unit's statistics from its shard's footer (DatasetError naming the file if damaged)."""
     p = shard_path(out, unit)
     try:
-        return _footer(p)[1]
+        return UnitStats.from_dict(_footer(p)[1])
     except _Damaged as d:
         raise DatasetError(f"{d}; rerun the same `cirgen triplets` command to regenerate unit {unit}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{p}: its footer's unit statistics lack or mistype {e}; rerun the same "
+                           f"`cirgen triplets` command to regenerate unit {unit}") from None
 
 
 def _device_type(device: str | None) -> str:
@@ -576,80 +580,30 @@ def _scan_rows(out: Path, unit: int) -> tuple[dict, dict]:
     return crit, devices
 
 
-def aggregate_stats(out: Path, units: list[int]) -> dict:
-    """stats.json from the per-unit statistics stored in each shard's footer.
+def aggregate_stats(out: Path, units: list[int]) -> DatasetStats:
+    """stats.json's content from the per-unit statistics stored in each shard's footer, and the
+    rows' pass columns and devices (see `DatasetStats.from_units`).
 
     Budget: seconds per stage (summed over every candidate, kept or rejected), per generated and
     per kept triplet, split by the device each stage ran on (`seconds_by_device`, GPU seconds).
     Pass rates per criterion are over the candidates that criterion scored (`criteria`).
     """
-    total = {"kept": 0, "generated": 0, "rejected": {}, "failures_kept": {}, "failures_generated": {},
-             "edit_types": {}, "passes": {}, "seconds": {s: 0.0 for s in STAGES}}
     crit: dict[str, list[int]] = {}
-    by_device: dict[str, float] = {}
-    stage_devices: dict[str, set] = {s: set() for s in STAGES}
+    per_unit = []
     for u in units:
         st = unit_stats(out, u)
-        total["kept"] += st["kept"]
-        total["generated"] += st["generated"]
-        for key in ("rejected", "failures_kept", "failures_generated", "edit_types", "passes"):
-            for k, v in st[key].items():
-                total[key][k] = total[key].get(k, 0) + v
         unit_crit, unit_dev = _scan_rows(out, u)
         for k, (e, p) in unit_crit.items():
             c = crit.setdefault(k, [0, 0])
             c[0] += e
             c[1] += p
+        # A unit runs in one process, so a stage has one device per unit: take the majority.
+        devices = {}
         for s in STAGES:
-            sec = st["seconds"].get(s, 0.0)
-            total["seconds"][s] += sec
-            # A unit runs in one process, so a stage has one device per unit: take the majority.
             counts = unit_dev.get(s) or {"cpu": 1}
-            dev = max(sorted(counts), key=counts.get)
-            stage_devices[s].add(dev)
-            by_device[dev] = by_device.get(dev, 0.0) + sec
-    sec = sum(total["seconds"].values())
-    gen, kept = max(total["generated"], 1), max(total["kept"], 1)
-    total["criteria"] = {k.removeprefix("pass_"): {"evaluated": e, "passed": p,
-                                                   "pass_rate": round(p / e, 4) if e else None}
-                         for k, (e, p) in sorted(crit.items())}
-    # Pass rate of a criterion = passed / candidates it scored (= generated when nothing is
-    # rejected before the filters, which is what older datasets without pass columns assume).
-    total["pass_rates"] = {k: round(v / (crit.get(k, [gen])[0] or gen), 4)
-                           for k, v in sorted(total["passes"].items())}
-    total["yield"] = round(total["kept"] / gen, 4)
-    gpu = sum(v for d, v in by_device.items() if d != "cpu")
-    total["budget"] = {
-        "seconds_total": round(sec, 3),
-        "seconds_per_stage": {s: round(v, 3) for s, v in total["seconds"].items()},
-        "seconds_per_generated": round(sec / gen, 6),
-        "seconds_per_kept": round(sec / kept, 6),
-        "seconds_per_1k_kept": round(1000 * sec / kept, 3),
-        "stage_seconds_per_generated": {s: round(v / gen, 6) for s, v in total["seconds"].items()},
-        "stage_seconds_per_kept": {s: round(v / kept, 6) for s, v in total["seconds"].items()},
-        "device_per_stage": {s: "+".join(sorted(d)) for s, d in stage_devices.items()},
-        "seconds_by_device": {d: round(v, 3) for d, v in sorted(by_device.items())},
-        "gpu_seconds": round(gpu, 3),
-        "gpu_seconds_per_1k_kept": round(1000 * gpu / kept, 3),
-        "device": "+".join(sorted({d for ds in stage_devices.values() for d in ds})) or "cpu",
-    }
-    del total["seconds"]
-    dd = _dedupe_settings(out)
-    if dd is not None:
-        from .dedupe import cross_unit_report
-
-        total["near_duplicates_cross_unit"] = cross_unit_report(
-            out, units, dd["max_distance"], dd["match"], dd["channels"])
-    return total
-
-
-def _dedupe_settings(out: Path) -> dict | None:
-    """The dataset's dedupe section when its cross-unit report is on (read from run.json)."""
-    try:
-        dd = read_run_json(out / "run.json")["recipe"]["filters"]["dedupe"]
-    except (DatasetError, KeyError, TypeError):
-        return None
-    return dd if isinstance(dd, dict) and dd.get("enabled") and dd.get("cross_unit_report") else None
+            devices[s] = max(sorted(counts), key=counts.get)
+        per_unit.append((st, devices))
+    return DatasetStats.from_units(per_unit, {k: (e, p) for k, (e, p) in crit.items()})
 
 
 CARD = """---
@@ -687,16 +641,18 @@ ds = load_dataset("parquet", data_files="{root}/shards/*.parquet", split="train"
 """
 
 
-def write_card(out: Path, run: dict, stats: dict) -> None:
+def write_card(out: Path, run: dict, stats: DatasetStats) -> None:
+    """README.md of the dataset folder (a Hugging Face dataset card) from run.json and the stats."""
     recipe = run["recipe"]
+    b = stats.budget or Budget()
     text = CARD.format(
         name=run["recipe_name"], hash=run["recipe_hash"], seed=run["seed"],
-        description=(recipe.get("description") or "").strip(), kept=stats["kept"],
-        generated=stats["generated"], yield_pct=100 * stats["yield"],
-        rejected=json.dumps(stats["rejected"], sort_keys=True) or "{}",
-        failures=json.dumps(stats["failures_kept"], sort_keys=True),
-        tier=recipe["quality"]["tier"], per1k=stats["budget"]["seconds_per_1k_kept"], root=".",
-        device=stats["budget"].get("device", "cpu"), gpu1k=stats["budget"].get("gpu_seconds_per_1k_kept", 0.0),
-        pass_rates=", ".join(f"{k} {100 * v['pass_rate']:.1f}%" for k, v in stats.get("criteria", {}).items()
-                             if v["pass_rate"] is not None) or "-")
-    write_atomic(out / "README.md", text.encode())
+        description=(recipe.get("description") or "").strip(), kept=stats.kept,
+        generated=stats.generated, yield_pct=100 * stats.yield_,
+        rejected=json.dumps(stats.rejected, sort_keys=True),
+        failures=json.dumps(stats.failures_kept, sort_keys=True),
+        tier=recipe["quality"]["tier"], per1k=b.seconds_per_1k_kept, root=".",
+        device=b.device, gpu1k=b.gpu_seconds_per_1k_kept,
+        pass_rates=", ".join(f"{k} {100 * c.pass_rate:.1f}%" for k, c in stats.criteria.items()
+                             if c.pass_rate is not None) or "-")
+    write_atomic(out / "README.md", text)
