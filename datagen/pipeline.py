@@ -1,4 +1,5 @@
-"""The generation pipeline: plan work units, run the stages in batches, write shards, resume.
+"""The generation driver (`cirgen triplets`): plan work units, run the missing ones (in this process,
+a process pool, or on Ray), resume, then write stats.json and the dataset card.
 
 A run of `n` triplets is `ceil(n / unit_size)` work units; unit u holds kept triplets
 `[u*unit_size, min(n, (u+1)*unit_size))` and draws its candidates from its own seeded stream, so
@@ -6,7 +7,7 @@ units can run in any order, on any number of processes, and a rerun skips the un
 is complete. A larger `n` adds units (and completes a partial last unit with the same records).
 
 Several processes may work on one folder at once (`--shard I/N`, or Ray actors): each writes only
-whole files by atomic rename, and a unit's files are the same whoever writes them.
+whole files by atomic rename, and a unit's files are the same whoever writes them (`unit.run_unit`).
 """
 from __future__ import annotations
 
@@ -16,35 +17,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from .base.errors import CirgenError
 from .base.io import write_atomic
-from .candidate import Candidate, candidate_seed
-from .captions import build_captions
 from .config import to_dict
 from .dedupe import cross_unit_report
-from .edits import build_edits
-from .filters import build_filters
-from .images import build_images
 from .recipe import GenRecipe
-from .schema import build_schema
+from .schema import iter_units
 from .stats import DatasetStats, UnitStats
-from .store import (aggregate_stats, check_overwrite, check_request, check_unit, clean_temp_files,
-                    open_dataset, probe_writable, read_run_json, remove_file, set_target, shard_path,
-                    to_table, write_card, write_table)
+from .ray_runner import run_units_ray
+from .store import (aggregate_stats, check_request, check_unit, clean_temp_files, open_dataset,
+                    probe_writable, read_run_json, set_target, shard_path, write_card)
+from .unit import PipelineError, Stages, run_unit
 
-MAX_CANDIDATES_PER_KEPT = 50  # give up on a unit whose filters reject (almost) everything
-
-
-class PipelineError(CirgenError, RuntimeError):
-    pass
-
-
-def iter_units(n: int, unit_size: int) -> Iterator[tuple[int, int]]:
-    """(unit, kept count) of every unit of an `n`-triplet dataset, in order, without a list."""
-    for u in range((n + unit_size - 1) // unit_size):
-        yield u, min(unit_size, n - u * unit_size)
 
 
 @dataclass
@@ -73,91 +58,6 @@ def plan(out: Path, n: int, unit_size: int, seed: int | None = None, recipe_hash
         elif st.empty_rejects is not None:
             p.empty_rejects.append(st.empty_rejects)
     return p
-
-
-class Stages:
-    """The four stages assembled from the recipe (diffusers-style interchangeable components)."""
-
-    def __init__(self, recipe: GenRecipe, seed: int | None = None):
-        self.recipe = recipe
-        self.captions = build_captions(recipe, seed)
-        self.edits = build_edits(recipe)
-        diffusion = recipe.images.diffusion
-        best_of_k = recipe.images.backend != "shapes" and diffusion.samples_per_prompt > 1
-        # Best-of-k ranks samples with the CLIP filter's model (one shared scorer per process).
-        self.images = build_images(recipe, scorer=_LazyScorer(recipe) if best_of_k else None)
-        self.filters = build_filters(recipe)
-
-    @property
-    def schema(self):
-        scores = [c for f in self.filters for c in f.score_columns]
-        passes = [c for f in self.filters for c in f.pass_columns]
-        return build_schema(scores, passes)
-
-    def run(self, batch: list[Candidate]) -> None:
-        """Run the stages in order. A candidate rejected by the text or image stage skips the
-        later (expensive) stages; every filter scores every candidate that reached the filters,
-        so all scores are stored even when an earlier criterion already failed."""
-        steps = [("captions", [self.captions]), ("edits", [self.edits]), ("images", [self.images]),
-                 ("filters", self.filters)]
-        for stage, components in steps:
-            todo = [c for c in batch if c.kept]
-            if not todo or not components:
-                continue
-            t0 = time.perf_counter()
-            for comp in components:
-                comp(todo)
-            per = (time.perf_counter() - t0) / len(todo)
-            for c in todo:
-                c.seconds[stage] = per
-                c.generator.setdefault(stage, {}).setdefault("backend", getattr(components[0], "name", None))
-
-
-class _LazyScorer:
-    """Loads the CLIP scorer of `filters.clip` on first use (not in the parent process)."""
-
-    def __init__(self, recipe: GenRecipe):
-        self.cfg = recipe.filters.clip
-
-    def directional(self, *args, **kwargs):
-        from .filters import load_scorer
-
-        return load_scorer(self.cfg).directional(*args, **kwargs)
-
-
-def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
-             stages: Stages | None = None) -> UnitStats:
-    """Generate unit `unit` until it holds `count` kept triplets; write rejects, then the shard."""
-    stages = stages or Stages(recipe, seed)
-    kept: list[Candidate] = []
-    rejected: list[Candidate] = []
-    j = 0
-    B = recipe.pipeline.batch_size
-    while len(kept) < count:
-        if j >= MAX_CANDIDATES_PER_KEPT * count:
-            raise PipelineError(f"unit {unit}: only {len(kept)} of {count} candidates passed the filters "
-                                f"after {j} attempts; loosen the filters or check the generators")
-        # Never generate past what the unit still needs: the unit's content is then independent
-        # of batch size (candidate j is the same whichever batch it falls in).
-        size = min(B, count - len(kept))
-        batch = [Candidate(unit, j + k, candidate_seed(seed, unit, j + k)) for k in range(size)]
-        j += size
-        stages.run(batch)
-        for c in batch:
-            (kept if c.kept else rejected).append(c)
-    stats = UnitStats.from_candidates(unit, seed, recipe.hash(), kept, rejected)
-    schema = stages.schema
-    quality = recipe.quality.tier
-    check_overwrite(out, unit, count)
-    # Rejects first, then the shard that marks the unit done. A unit without rejects writes no
-    # rejects file: 0-row parquet files break readers such as `datasets.load_dataset`.
-    if rejected:
-        write_table(to_table(rejected, schema, recipe.pipeline.unit_size, quality, False),
-                    shard_path(out, unit, rejects=True), stats.to_dict())
-    else:
-        remove_file(shard_path(out, unit, rejects=True))
-    write_table(to_table(kept, schema, recipe.pipeline.unit_size, quality, True), shard_path(out, unit), stats.to_dict())
-    return stats
 
 
 # Worker processes build their stages once and reuse them for every unit they get.
@@ -267,8 +167,6 @@ def _run_units(recipe, seed, out, todo, workers, progress, total, done_before, r
                desc="triplets", smoothing=0.1, dynamic_ncols=True)
     try:
         if ray_address is not None:
-            from .ray_runner import run_units_ray
-
             run_units_ray(recipe, seed, out, todo, ray_address, workers, bar.update, log)
         elif workers == 1:
             stages = Stages(recipe, seed)

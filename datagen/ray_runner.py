@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from .base.device import DeviceError, check_device_name
+from .config import from_dict, to_dict
 from .recipe import GenRecipe
+from .unit import PipelineError, Stages, run_unit
 
 
 def model_devices(recipe: GenRecipe) -> list[tuple[str, str]]:
@@ -49,17 +51,12 @@ def gpus_per_worker(recipe: GenRecipe, cluster_gpus: float) -> float:
 
 class _UnitActor:
     def __init__(self, recipe_dict: dict, seed: int, out: str):
-        from .config import from_dict
-        from .pipeline import Stages
-
         self.recipe = from_dict(GenRecipe, recipe_dict)
         self.seed, self.out = seed, Path(out)
         self.stages = Stages(self.recipe, seed)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
-
-        from .pipeline import run_unit
 
         kept = [run_unit(self.recipe, self.seed, int(u), int(c), self.out, self.stages).kept
                 for u, c in zip(batch["unit"], batch["count"])]
@@ -74,11 +71,7 @@ def run_units_ray(recipe: GenRecipe, seed: int, out: Path, todo: list[tuple[int,
         import ray
         import ray.data
     except ImportError:
-        from .pipeline import PipelineError
-
         raise PipelineError("--ray needs the ray extra: pip install 'cirgen[ray]'") from None
-    from .config import to_dict
-
     started = False
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, include_dashboard=False,

@@ -29,11 +29,11 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base.errors import CirgenError, os_error_line
+from .base.errors import CirgenError
 from .base.io import HOST, machine_error, temp_owner, temp_path, write_atomic
 from .candidate import Candidate
 from .recipe import GenRecipe
-from .schema import FORMAT, SCHEMA_VERSION, STAGES, DatasetError
+from .schema import FORMAT, SCHEMA_VERSION, STAGES, DatasetError, read_run_json, shard_path
 from .stats import Budget, DatasetStats, UnitStats
 
 ROW_GROUP = 100  # rows per parquet row group: readers stream ~100 image pairs at a time
@@ -107,51 +107,6 @@ def probe_writable(out: Path) -> None:
 # run.json
 
 # Fields every run.json has (what readers rely on), then fields only the writer adds.
-RUN_FIELDS: dict[str, type] = {"format": str, "schema_version": int, "recipe_name": str,
-                               "recipe_hash": str, "seed": int, "n": int, "recipe": dict}
-RUN_OPTIONAL_FIELDS: dict[str, type] = {"recipe_path": str, "versions": dict}
-
-
-def read_run_json(path: Path) -> dict:
-    """Read and check a dataset's run.json: a JSON object of the cirgen format whose fields have
-    the right types and ranges. Raises `DatasetError` naming the file and the field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise DatasetError(os_error_line(e, path)) from None
-    try:
-        run = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(run, dict):
-        raise DatasetError(f"{path}: expected a JSON object with the dataset's fields, got a JSON "
-                           f"{type(run).__name__}")
-    if run.get("format") != FORMAT:
-        raise DatasetError(f"{path}: not a cirgen triplet dataset (format {run.get('format')!r}, "
-                           f"expected {FORMAT!r})")
-    missing = [k for k in RUN_FIELDS if k not in run]
-    if missing:
-        raise DatasetError(f"{path}: missing field(s) {', '.join(missing)} (was the file edited? "
-                           f"restore it, or use a new folder)")
-    for k, t in {**RUN_FIELDS, **RUN_OPTIONAL_FIELDS}.items():
-        v = run.get(k)
-        if k in run and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
-            raise DatasetError(f"{path}: field {k!r} must be a JSON {_JSON_NAMES[t]}, got {v!r:.60}")
-    if not 1 <= run["schema_version"] <= SCHEMA_VERSION:
-        raise DatasetError(f"{path}: field 'schema_version' is {run['schema_version']}; this cirgen "
-                           f"reads 1..{SCHEMA_VERSION} (made by a newer cirgen?)")
-    if run["seed"] < 0:
-        raise DatasetError(f"{path}: field 'seed' must be >= 0, got {run['seed']}")
-    if run["n"] < 1:
-        raise DatasetError(f"{path}: field 'n' must be >= 1, got {run['n']}")
-    return run
-
-
-_JSON_NAMES = {str: "string", int: "integer", dict: "object"}
-
-
 def _check_identity(run: dict, path: Path, recipe: GenRecipe, seed: int) -> None:
     """The dataset in `path` (run.json, already read) is (recipe, seed)'s, and its recorded recipe
     is the one its hash names (a hand-edit of either is caught)."""
@@ -347,10 +302,6 @@ def set_target(out: Path, recipe: GenRecipe, seed: int, n: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Shards
-
-def shard_path(out: Path, unit: int, rejects: bool = False) -> Path:
-    return out / ("rejects" if rejects else "shards") / f"{unit:06d}.parquet"
-
 
 class _Damaged(Exception):
     pass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..base.device import resolve_device
 from ..base.threads import record_threads
-from .llm import Reply, Request
+from .protocol import Reply, Request
 
 _LOCK = threading.Lock()
 

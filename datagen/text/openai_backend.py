@@ -36,7 +36,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from ..base.io import write_atomic
-from .llm import Reply, Request, TextServerError
+from .protocol import Reply, Request, TextServerError
 
 _RETRY_STATUS = {408, 409, 425, 429}
 _MAX_BACKOFF_S = 60.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from .llm import Reply, Request
+from .protocol import Reply, Request
 
 
 def structured_kwargs(schema: dict) -> dict:
