@@ -24,23 +24,40 @@ def _add(total: dict[str, int], part: Mapping[str, int]) -> None:
         total[k] = total.get(k, 0) + v
 
 
-@dataclass
-class UnitStats:
-    """Counts and seconds of one work unit, over every candidate it generated (kept or not).
+COUNTS = ("rejected", "failures_kept", "failures_generated", "edit_types", "passes")
+
+
+@dataclass(kw_only=True)
+class Counts:
+    """What a unit and a whole dataset both count, over every candidate generated (kept or not).
 
     `rejected`: candidates per reject reason; `failures_kept`/`failures_generated`: per injected
     failure label (`none` = no failure); `edit_types`: kept per edit type; `passes`: candidates
-    that passed each `pass_*` criterion; `seconds`: per stage, summed over candidates."""
-    unit: int
-    seed: int
-    recipe_hash: str
-    kept: int
-    generated: int
+    that passed each `pass_*` criterion."""
+    kept: int = 0
+    generated: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     failures_kept: dict[str, int] = field(default_factory=dict)
     failures_generated: dict[str, int] = field(default_factory=dict)
     edit_types: dict[str, int] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
+
+    def _counts_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "generated": self.generated, **{k: dict(getattr(self, k)) for k in COUNTS}}
+
+    @staticmethod
+    def _counts_from(d: Mapping[str, Any], required: bool) -> dict[str, Any]:
+        get = d.__getitem__ if required else (lambda k: d.get(k, 0 if k in ("kept", "generated") else None))
+        return {"kept": int(get("kept")), "generated": int(get("generated")),
+                **{k: _counts(get(k)) for k in COUNTS}}
+
+
+@dataclass(kw_only=True)
+class UnitStats(Counts):
+    """Counts and seconds of one work unit (`seconds`: per stage, summed over its candidates)."""
+    unit: int
+    seed: int
+    recipe_hash: str
     seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -63,19 +80,14 @@ class UnitStats:
 
     def to_dict(self) -> dict[str, Any]:
         """The footer's JSON object (the keys every cirgen version wrote)."""
-        return {"unit": self.unit, "seed": self.seed, "recipe_hash": self.recipe_hash, "kept": self.kept,
-                "generated": self.generated, "rejected": dict(self.rejected),
-                "failures_kept": dict(self.failures_kept), "failures_generated": dict(self.failures_generated),
-                "edit_types": dict(self.edit_types), "passes": dict(self.passes), "seconds": dict(self.seconds)}
+        return {"unit": self.unit, "seed": self.seed, "recipe_hash": self.recipe_hash, **self._counts_dict(),
+                "seconds": dict(self.seconds)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UnitStats":
         """From a footer's JSON object; KeyError/TypeError/ValueError when it is not one."""
         return cls(unit=int(d["unit"]), seed=int(d["seed"]), recipe_hash=str(d["recipe_hash"]),
-                   kept=int(d["kept"]), generated=int(d["generated"]), rejected=_counts(d["rejected"]),
-                   failures_kept=_counts(d["failures_kept"]), failures_generated=_counts(d["failures_generated"]),
-                   edit_types=_counts(d["edit_types"]), passes=_counts(d["passes"]),
-                   seconds={str(k): float(v) for k, v in d["seconds"].items()})
+                   **cls._counts_from(d, required=True), seconds={str(k): float(v) for k, v in d["seconds"].items()})
 
 
 @dataclass
@@ -108,20 +120,13 @@ class Budget:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-@dataclass
-class DatasetStats:
+@dataclass(kw_only=True)
+class DatasetStats(Counts):
     """stats.json: the sum of the units' statistics, pass rates per criterion, yield and budget.
 
     `criteria` counts each criterion over the candidates it scored; `pass_rates` is the older
     per-criterion rate (passed / candidates that criterion scored). `near_duplicates_cross_unit`
     is the dedupe filter's report across units when the recipe asks for it (None otherwise)."""
-    kept: int = 0
-    generated: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    failures_kept: dict[str, int] = field(default_factory=dict)
-    failures_generated: dict[str, int] = field(default_factory=dict)
-    edit_types: dict[str, int] = field(default_factory=dict)
-    passes: dict[str, int] = field(default_factory=dict)
     criteria: dict[str, Criterion] = field(default_factory=dict)
     pass_rates: dict[str, float] = field(default_factory=dict)
     yield_: float = 0.0
@@ -141,7 +146,7 @@ class DatasetStats:
         for st, devices in units:
             total.kept += st.kept
             total.generated += st.generated
-            for name in ("rejected", "failures_kept", "failures_generated", "edit_types", "passes"):
+            for name in COUNTS:
                 _add(getattr(total, name), getattr(st, name))
             for s in STAGES:
                 sec = st.seconds.get(s, 0.0)
@@ -177,9 +182,7 @@ class DatasetStats:
     def to_dict(self) -> dict[str, Any]:
         """stats.json's object (the keys of every cirgen version; `yield` is a Python keyword)."""
         d: dict[str, Any] = {
-            "kept": self.kept, "generated": self.generated, "rejected": dict(self.rejected),
-            "failures_kept": dict(self.failures_kept), "failures_generated": dict(self.failures_generated),
-            "edit_types": dict(self.edit_types), "passes": dict(self.passes),
+            **self._counts_dict(),
             "criteria": {k: {"evaluated": c.evaluated, "passed": c.passed, "pass_rate": c.pass_rate}
                          for k, c in self.criteria.items()},
             "pass_rates": dict(self.pass_rates), "yield": self.yield_}
@@ -194,9 +197,7 @@ class DatasetStats:
         """From stats.json's object; fields an older cirgen did not write take their defaults."""
         budget = d.get("budget")
         return cls(
-            kept=int(d.get("kept", 0)), generated=int(d.get("generated", 0)), rejected=_counts(d.get("rejected")),
-            failures_kept=_counts(d.get("failures_kept")), failures_generated=_counts(d.get("failures_generated")),
-            edit_types=_counts(d.get("edit_types")), passes=_counts(d.get("passes")),
+            **cls._counts_from(d, required=False),
             criteria={k: Criterion(v.get("evaluated", 0), v.get("passed", 0), v.get("pass_rate"))
                       for k, v in (d.get("criteria") or {}).items()},
             pass_rates=dict(d.get("pass_rates") or {}), yield_=float(d.get("yield", 0.0)),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..base.device import resolve_device
 from ..base.threads import record_threads
-from .protocol import Reply, Request
+from .protocol import Reply, Request, prompt_format
 
 _LOCK = threading.Lock()
 
@@ -127,11 +127,7 @@ class TransformersGenerator:
     @property
     def format(self) -> str:
         if self._format is None:
-            if self.cfg.format != "auto":
-                self._format = self.cfg.format
-            else:
-                tok, _ = self._load()
-                self._format = "chat" if getattr(tok, "chat_template", None) else "completion"
+            self._format = prompt_format(self.cfg.format, lambda: self._load()[0])
         return self._format
 
     def describe(self) -> dict:

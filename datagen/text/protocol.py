@@ -10,7 +10,7 @@ types without an import circle.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ..base.errors import CirgenError
 
@@ -43,3 +43,11 @@ class TextGenerator(Protocol):
     def generate(self, requests: list[Request]) -> list[Reply]: ...
 
     def describe(self) -> dict: ...
+
+
+def prompt_format(configured: str, tokenizer: Callable[[], object]) -> str:
+    """`chat` or `completion`: as configured, or for `auto` chat exactly when the model's tokenizer
+    (loaded by calling `tokenizer()`, only then) has a chat template."""
+    if configured != "auto":
+        return configured
+    return "chat" if getattr(tokenizer(), "chat_template", None) else "completion"
