@@ -12,7 +12,6 @@ fine-tuning). `load_run(path)` rebuilds it and implements the evaluation harness
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from datagen.base.errors import InputError, InputNotFound
+from datagen.base.io import write_atomic, write_atomic_with
 
 from .adapters import ComposeConfig, Composer
 from .clip import CIRClip
@@ -96,11 +96,9 @@ class CIRModel(nn.Module):
         meta = {"format": MODEL_FORMAT, "clip": self.clip_spec, "clip_weights_id": self.clip.weights_id,
                 "mapping": asdict(self.mapping.cfg),
                 "composer": asdict(self.composer.cfg) if self.composer is not None else None, **(extra or {})}
-        tmp = run / ".model.safetensors.tmp"
-        save_file(self.trained_state(), str(tmp))
-        os.replace(tmp, run / "model.safetensors")
-        (run / ".model.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(run / ".model.json.tmp", run / "model.json")
+        state = self.trained_state()
+        write_atomic_with(run / "model.safetensors", lambda p: save_file(state, str(p)))
+        write_atomic(run / "model.json", json.dumps(meta, indent=2, sort_keys=True))
         return run
 
     def load_trained(self, path: str | Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 from datagen.base.errors import InputError
+from datagen.base.device import resolve_device
+from datagen.base.io import write_atomic_with
 from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
                                  init_token_table)
 from datagen.world.editor import sample_edit
@@ -266,12 +267,6 @@ def _lr_at(step: int, cfg: PretrainConfig) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
     """Train shapes-CLIP into `out/` (resumable: rerun with the same config to continue)."""
     from tqdm import tqdm
@@ -292,7 +287,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
     else:
         cfg_path.write_text(json.dumps(ident, indent=2))
 
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model, preprocess, tokenizer = build_model(cfg.seed, cfg.model)
     model = model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -340,8 +335,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
         metrics_f.write(json.dumps(rec) + "\n")
         metrics_f.flush()
         if step % cfg.ckpt_every == 0 or step == total or step == cfg.stop_after:
-            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                                "elapsed": time.time() - t0}, state_path)
+            ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "elapsed": time.time() - t0}
+            write_atomic_with(state_path, lambda p: torch.save(ckpt, p))
         if cfg.stop_after is not None and step >= cfg.stop_after:
             break
     bar.close()
@@ -360,9 +356,7 @@ def export(model, seed: int, path: Path, extra_meta: dict | None = None) -> Path
 
     tensors, meta = compact_state_dict(model.state_dict(), seed, dtype=torch.float16)
     meta.update(extra_meta or {})
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_atomic_with(path, lambda p: save_file(tensors, str(p), metadata=meta))
     return path
 
 

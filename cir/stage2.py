@@ -219,7 +219,7 @@ class _MinedNegatives:
 
     @torch.no_grad()
     def mine(self, epoch: int) -> dict:
-        from datagen.store import write_atomic
+        from datagen.base.io import write_atomic
 
         path = self._path(epoch)
         if path.exists():

@@ -17,6 +17,7 @@ triplet x count, from the dataset's stats) plus its stage II training seconds.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import time
@@ -24,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from datagen.base.io import write_atomic
 from datagen.clip_loader import weights_identity
 from datagen.config import ConfigError, stable_hash, to_dict
 from datagen.recipe import load_recipe
+from datagen.stats import DatasetStats
 
 STUDY_METRICS = ("R@1", "R@5", "R@10", "R@50")
 
@@ -145,9 +148,7 @@ def _clear_stale(folder: Path, marker: str, key: str, log) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class Study:
@@ -290,7 +291,8 @@ class Study:
         protocol = build_protocol(list(b.protocol))
         model = resolve_model(str(run), preprocess=protocol.preprocess, target_ratio=protocol.target_ratio)
         result = evaluate(model, b.name, bench, b.split, protocol, EvalOptions(), log=lambda s: None)
-        per_kept = 0.0 if cell.tier is None else gen_stats[cell.tier.name]["budget"]["seconds_per_kept"]
+        per_kept = (0.0 if cell.tier is None
+                    else DatasetStats.from_dict(gen_stats[cell.tier.name]).budget.seconds_per_kept)
         row = {"study_key": key, "recipe_hash": self.recipe_hash, "cell": cell.name,
                "tier": "stage1" if cell.tier is None else cell.tier.name, "quantity": cell.quantity,
                "seed": cell.seed, "gen_seconds": round(per_kept * cell.quantity, 2),
@@ -349,14 +351,14 @@ def write_results(rows: list[dict], out: Path, metric: str, recipe_hash: str) ->
     out = Path(out)
     metric_names = sorted({k for r in rows for k in r["metrics"]})
     csv_path = out / "results.csv"
-    with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["cell", "tier", "quantity", "seed", "gen_seconds", "train_seconds", "recipe_hash", "cell_key"]
-                   + metric_names)
-        for r in rows:
-            w.writerow([r["cell"], r["tier"], r["quantity"], r["seed"], r["gen_seconds"], r["train_seconds"],
-                        recipe_hash, r["study_key"]] + [r["metrics"].get(m, "") for m in metric_names])
-    csv_path.with_suffix(".csv.tmp").replace(csv_path)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["cell", "tier", "quantity", "seed", "gen_seconds", "train_seconds", "recipe_hash", "cell_key"]
+               + metric_names)
+    for r in rows:
+        w.writerow([r["cell"], r["tier"], r["quantity"], r["seed"], r["gen_seconds"], r["train_seconds"],
+                    recipe_hash, r["study_key"]] + [r["metrics"].get(m, "") for m in metric_names])
+    write_atomic(csv_path, buf.getvalue())
     summary = summarise(rows, metric)
     # The harness reports recalls in percent.
     lines = [f"# Study results ({metric} in %, mean over seeds ± std where there are several; "

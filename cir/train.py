@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from datagen.base.errors import InputError
+from datagen.base.io import write_atomic, write_atomic_with
 
 
 @dataclass
@@ -68,12 +69,6 @@ def init_distributed() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist_info()
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _lr(step: int, total: int, cfg: TrainConfig) -> float:
@@ -230,9 +225,7 @@ def _cut_metrics(path: Path, step: int) -> None:
             continue
         if rec.get("step", 0) <= step:
             keep.append(line)
-    from datagen.store import write_atomic
-
-    write_atomic(path, "".join(l + "\n" for l in keep).encode())
+    write_atomic(path, "".join(l + "\n" for l in keep))
 
 
 def _checkpoint(module, opt, step, ck: Path, rank: int, world: int, save_file) -> None:
@@ -244,8 +237,8 @@ def _checkpoint(module, opt, step, ck: Path, rank: int, world: int, save_file) -
     if rank != 0:
         return
     name = f"step-{step:06d}.safetensors"
-    _atomic(ck / name, lambda p: save_file(trainable_state(module), str(p)))
-    _atomic(ck / "state.pt", lambda p: torch.save({"opt": opt.state_dict(), "step": step, "torch_rng": rng,
+    write_atomic_with(ck / name, lambda p: save_file(trainable_state(module), str(p)))
+    write_atomic_with(ck / "state.pt", lambda p: torch.save({"opt": opt.state_dict(), "step": step, "torch_rng": rng,
                                                     "weights": name}, p))
     for old in ck.glob("step-*.safetensors"):
         if old.name != name:

@@ -216,7 +216,3 @@ def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: st
     model = model.to(device).eval()
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(name), name, weights_id)
 
-
-@lru_cache(maxsize=4)
-def cached_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: str = "cpu") -> LoadedClip:
-    return load_clip(name, pretrained, device)

@@ -23,6 +23,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
+from .base.device import resolve_device
 from .base.threads import record_threads
 
 ImageLike = Union[bytes, bytearray, "Image.Image", np.ndarray]
@@ -46,15 +47,6 @@ def to_pil(image: ImageLike) -> Image.Image:
     else:
         raise TypeError(f"cannot read an image from {type(image).__name__}")
     return img if img.mode == "RGB" else to_rgb(img)
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu`; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _broadcast(texts: str | Sequence[str], n: int) -> list[str]:
@@ -82,12 +74,12 @@ class ClipScorer:
         from .clip_loader import load_clip
 
         if not random_init:
-            return cls(load_clip(name, pretrained, resolve_device(device)), batch_size)
+            return cls(load_clip(name, pretrained, str(resolve_device(device))), batch_size)
         # Random weights from a fixed seed, without touching the caller's RNG: every worker
         # process then scores with the same model, so the data never depends on worker count.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return cls(load_clip(name, pretrained, resolve_device(device), random_init=True), batch_size)
+            return cls(load_clip(name, pretrained, str(resolve_device(device)), random_init=True), batch_size)
 
     @property
     def model_id(self) -> str:
@@ -258,7 +250,7 @@ def shared_scorer(name: str, pretrained: str | None = None, device: str = "auto"
 
     The first caller's `batch_size` stays: chunking is part of what a score's last bits depend on.
     """
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))
     key = (os.getpid(), name, pretrained, dev, random_init)
     if key not in _SHARED:
         _SHARED[key] = ClipScorer.load(name, pretrained, dev, batch_size, random_init)

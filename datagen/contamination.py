@@ -11,6 +11,7 @@ when size and mtime are restored), or another copy of the gallery, makes a new k
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .base.io import write_atomic
 from .candidate import Candidate
 from .dedupe import nearest, phashes
 
@@ -55,6 +57,12 @@ def _cache_dir(folder: Path, cache_dir: str | None) -> Path:
     return Path.home() / ".cache" / "cirgen" / "contamination"
 
 
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def _cached(path: Path, compute) -> dict:
     """Load `path` (npz) or compute it once under a file lock and write it atomically."""
     import fcntl
@@ -65,10 +73,7 @@ def _cached(path: Path, compute) -> dict:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
                 arrays = compute()
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
-                    np.savez(f, **arrays)
-                os.replace(tmp, path)
+                write_atomic(path, _npz_bytes(arrays))
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from .candidate import Candidate
 from .clip_scores import ImageLike, to_pil
+from .schema import shard_path
 
 HASH_SIZE = 8
 IMG_SIZE = 32
@@ -142,8 +143,6 @@ def cross_unit_report(out: Path, units: Sequence[int], max_distance: int = 4, ma
     comparisons in numpy blocks (about a second per 20k triplets on one core).
     """
     import pyarrow.parquet as pq
-
-    from .store import shard_path
 
     ids, unit_of, refs, tgts = [], [], [], []
     for u in sorted(units):

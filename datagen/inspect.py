@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .schema import DatasetError, read_batches, read_stats, validate_dataset
+from .stats import DatasetStats
 
 
 def inspect_dataset(root: str | Path, examples: int = 3) -> dict:
@@ -56,21 +57,21 @@ def render_text(report: dict) -> str:
            f"rows {report['rows']} of {report['target_n']} in {report['shards']} of "
            f"{report['planned_shards']} planned shards"
            + ("" if report["complete"] else "  (incomplete or damaged: see the problems below)")]
-    st = report["stats"] or {}
-    if st.get("budget"):
-        out.append(f"generated {st['generated']}, kept {st['kept']} (yield {100 * st['yield']:.1f}%)"
+    st = DatasetStats.from_dict(report["stats"] or {})
+    if st.budget is not None:
+        out.append(f"generated {st.generated}, kept {st.kept} (yield {100 * st.yield_:.1f}%)"
                    + ("" if report["complete"] else " (from stats.json)"))
-        if st.get("pass_rates"):
-            out.append("pass rates: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in st["pass_rates"].items()))
-        if st.get("rejected"):
-            out.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(st["rejected"].items())))
+        if st.pass_rates:
+            out.append("pass rates: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in st.pass_rates.items()))
+        if st.rejected:
+            out.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(st.rejected.items())))
         out.append("failure labels (kept): " + ", ".join(
-            f"{k} {v}" for k, v in sorted(st.get("failures_kept", {}).items(), key=lambda kv: -kv[1])))
+            f"{k} {v}" for k, v in sorted(st.failures_kept.items(), key=lambda kv: -kv[1])))
         out.append("edit types (kept): " + ", ".join(
-            f"{k} {v}" for k, v in sorted(st.get("edit_types", {}).items(), key=lambda kv: -kv[1])))
-        b = st["budget"]
-        out.append("budget: " + ", ".join(f"{k} {v:.2f}s" for k, v in b["seconds_per_stage"].items())
-                   + f"; {b['seconds_per_1k_kept']:.2f} s per 1k kept ({b['device']})")
+            f"{k} {v}" for k, v in sorted(st.edit_types.items(), key=lambda kv: -kv[1])))
+        b = st.budget
+        out.append("budget: " + ", ".join(f"{k} {v:.2f}s" for k, v in b.seconds_per_stage.items())
+                   + f"; {b.seconds_per_1k_kept:.2f} s per 1k kept ({b.device})")
     for r in report["examples"]:
         out.append(f"- [{r.get('id')}] {r.get('edit_type')}: \"{r.get('modification_text')}\""
                    + (f"  (failure: {r['failure']})" if r.get("failure") else ""))

@@ -1,4 +1,5 @@
-"""The generation pipeline: plan work units, run the stages in batches, write shards, resume.
+"""The generation driver (`cirgen triplets`): plan work units, run the missing ones (in this process,
+a process pool, or on Ray), resume, then write stats.json and the dataset card.
 
 A run of `n` triplets is `ceil(n / unit_size)` work units; unit u holds kept triplets
 `[u*unit_size, min(n, (u+1)*unit_size))` and draws its candidates from its own seeded stream, so
@@ -6,7 +7,7 @@ units can run in any order, on any number of processes, and a rerun skips the un
 is complete. A larger `n` adds units (and completes a partial last unit with the same records).
 
 Several processes may work on one folder at once (`--shard I/N`, or Ray actors): each writes only
-whole files by atomic rename, and a unit's files are the same whoever writes them.
+whole files by atomic rename, and a unit's files are the same whoever writes them (`unit.run_unit`).
 """
 from __future__ import annotations
 
@@ -16,32 +17,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from .base.errors import CirgenError
-from .candidate import Candidate, candidate_seed
-from .captions import build_captions
+from .base.io import write_atomic
 from .config import to_dict
-from .edits import build_edits
-from .filters import build_filters
-from .images import build_images
+from .dedupe import cross_unit_report
 from .recipe import GenRecipe
-from .schema import STAGES, build_schema
-from .store import (aggregate_stats, check_overwrite, check_request, check_unit, clean_temp_files,
-                    open_dataset, probe_writable, read_run_json, remove_file, set_target, shard_path,
-                    to_table, write_atomic, write_card, write_table)
+from .schema import iter_units
+from .stats import DatasetStats, UnitStats
+from .ray_runner import run_units_ray
+from .store import (aggregate_stats, check_request, check_unit, clean_temp_files, open_dataset,
+                    probe_writable, read_run_json, set_target, shard_path, write_card)
+from .unit import PipelineError, Stages, run_unit
 
-MAX_CANDIDATES_PER_KEPT = 50  # give up on a unit whose filters reject (almost) everything
-
-
-class PipelineError(CirgenError, RuntimeError):
-    pass
-
-
-def iter_units(n: int, unit_size: int) -> Iterator[tuple[int, int]]:
-    """(unit, kept count) of every unit of an `n`-triplet dataset, in order, without a list."""
-    for u in range((n + unit_size - 1) // unit_size):
-        yield u, min(unit_size, n - u * unit_size)
 
 
 @dataclass
@@ -72,105 +60,6 @@ def plan(out: Path, n: int, unit_size: int, seed: int | None = None, recipe_hash
     return p
 
 
-class Stages:
-    """The four stages assembled from the recipe (diffusers-style interchangeable components)."""
-
-    def __init__(self, recipe: GenRecipe, seed: int | None = None):
-        self.recipe = recipe
-        self.captions = build_captions(recipe, seed)
-        self.edits = build_edits(recipe)
-        diffusion = recipe.images.diffusion
-        best_of_k = recipe.images.backend != "shapes" and diffusion.samples_per_prompt > 1
-        # Best-of-k ranks samples with the CLIP filter's model (one shared scorer per process).
-        self.images = build_images(recipe, scorer=_LazyScorer(recipe) if best_of_k else None)
-        self.filters = build_filters(recipe)
-
-    @property
-    def schema(self):
-        scores = [c for f in self.filters for c in f.score_columns]
-        passes = [c for f in self.filters for c in f.pass_columns]
-        return build_schema(scores, passes)
-
-    def run(self, batch: list[Candidate]) -> None:
-        """Run the stages in order. A candidate rejected by the text or image stage skips the
-        later (expensive) stages; every filter scores every candidate that reached the filters,
-        so all scores are stored even when an earlier criterion already failed."""
-        steps = [("captions", [self.captions]), ("edits", [self.edits]), ("images", [self.images]),
-                 ("filters", self.filters)]
-        for stage, components in steps:
-            todo = [c for c in batch if c.kept]
-            if not todo or not components:
-                continue
-            t0 = time.perf_counter()
-            for comp in components:
-                comp(todo)
-            per = (time.perf_counter() - t0) / len(todo)
-            for c in todo:
-                c.seconds[stage] = per
-                c.generator.setdefault(stage, {}).setdefault("backend", getattr(components[0], "name", None))
-
-
-class _LazyScorer:
-    """Loads the CLIP scorer of `filters.clip` on first use (not in the parent process)."""
-
-    def __init__(self, recipe: GenRecipe):
-        self.cfg = recipe.filters.clip
-
-    def directional(self, *args, **kwargs):
-        from .filters import load_scorer
-
-        return load_scorer(self.cfg).directional(*args, **kwargs)
-
-
-def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
-             stages: Stages | None = None) -> dict:
-    """Generate unit `unit` until it holds `count` kept triplets; write rejects, then the shard."""
-    stages = stages or Stages(recipe, seed)
-    kept: list[Candidate] = []
-    rejected: list[Candidate] = []
-    j = 0
-    B = recipe.pipeline.batch_size
-    while len(kept) < count:
-        if j >= MAX_CANDIDATES_PER_KEPT * count:
-            raise PipelineError(f"unit {unit}: only {len(kept)} of {count} candidates passed the filters "
-                                f"after {j} attempts; loosen the filters or check the generators")
-        # Never generate past what the unit still needs: the unit's content is then independent
-        # of batch size (candidate j is the same whichever batch it falls in).
-        size = min(B, count - len(kept))
-        batch = [Candidate(unit, j + k, candidate_seed(seed, unit, j + k)) for k in range(size)]
-        j += size
-        stages.run(batch)
-        for c in batch:
-            (kept if c.kept else rejected).append(c)
-    stats = {"unit": unit, "seed": seed, "recipe_hash": recipe.hash(), "kept": len(kept), "generated": j,
-             "rejected": {}, "failures_kept": {},
-             "failures_generated": {}, "edit_types": {}, "passes": {},
-             "seconds": {s: sum(c.seconds.get(s, 0.0) for c in kept + rejected) for s in STAGES}}
-    for c in kept + rejected:
-        if c.reject_reason:
-            stats["rejected"][c.reject_reason] = stats["rejected"].get(c.reject_reason, 0) + 1
-        f = c.failure or "none"
-        stats["failures_generated"][f] = stats["failures_generated"].get(f, 0) + 1
-        for p, ok in c.passes.items():
-            stats["passes"][p] = stats["passes"].get(p, 0) + int(bool(ok))
-    for c in kept:
-        f = c.failure or "none"
-        stats["failures_kept"][f] = stats["failures_kept"].get(f, 0) + 1
-        stats["edit_types"][c.edit_type] = stats["edit_types"].get(c.edit_type, 0) + 1
-    schema = stages.schema
-    quality = recipe.quality.tier
-    check_overwrite(out, unit, count)
-    # Rejects first, then the shard that marks the unit done. A unit without rejects writes no
-    # rejects file: 0-row parquet files break readers such as `datasets.load_dataset`.
-    if rejected:
-        write_table(to_table(rejected, schema, recipe.pipeline.unit_size, quality, False),
-                    shard_path(out, unit, rejects=True), stats)
-    else:
-        remove_file(shard_path(out, unit, rejects=True))
-    write_table(to_table(kept, schema, recipe.pipeline.unit_size, quality, True), shard_path(out, unit), stats)
-    return stats
-
-
 # Worker processes build their stages once and reuse them for every unit they get.
 _WORKER: dict = {}
 
@@ -182,7 +71,7 @@ def _init_worker(recipe_dict: dict, seed: int, out: str) -> None:
     _WORKER.update(recipe=recipe, seed=seed, out=Path(out), stages=Stages(recipe, seed))
 
 
-def _work(task: tuple[int, int]) -> dict:
+def _work(task: tuple[int, int]) -> UnitStats:
     w = _WORKER
     return run_unit(w["recipe"], w["seed"], task[0], task[1], w["out"], w["stages"])
 
@@ -250,12 +139,15 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
         log(f"{out}: another run changed the target meanwhile; that run writes stats.json")
         return {}
     stats = aggregate_stats(out, list(range(p.num_units)))
+    dd = recipe.filters.dedupe
+    if dd.enabled and dd.cross_unit_report:
+        stats.near_duplicates_cross_unit = cross_unit_report(out, range(p.num_units), dd.max_distance,
+                                                             dd.match, dd.channels)
     if pool_report:
-        stats["caption_pool"] = pool_report
-    write_atomic(out / "stats.json", (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
+        stats.caption_pool = pool_report
+    write_atomic(out / "stats.json", json.dumps(stats.to_dict(), indent=2, sort_keys=True) + "\n")
     write_card(out, run, stats)
-    stats["wall_seconds"] = round(time.time() - t0, 3)
-    return stats
+    return {**stats.to_dict(), "wall_seconds": round(time.time() - t0, 3)}
 
 
 def _drop_empty_rejects(paths: list[Path], log: Callable[[str], None]) -> None:
@@ -282,8 +174,6 @@ def _run_units(recipe, seed, out, todo, workers, progress, total, done_before, r
                desc="triplets", smoothing=0.1, dynamic_ncols=True)
     try:
         if ray_address is not None:
-            from .ray_runner import run_units_ray
-
             run_units_ray(recipe, seed, out, todo, ray_address, workers, bar.update, log)
         elif workers == 1:
             stages = Stages(recipe, seed)
@@ -299,33 +189,14 @@ def _run_units(recipe, seed, out, todo, workers, progress, total, done_before, r
             ctx = mp.get_context(method)
             with ctx.Pool(workers, initializer=_init_worker, initargs=(to_dict(recipe), seed, str(out))) as pool:
                 for st in pool.imap_unordered(_work, todo):
-                    bar.update(st["kept"])
+                    bar.update(st.kept)
     finally:
         bar.close()
 
 
 def summary_lines(stats: dict) -> list[str]:
-    b = stats["budget"]
-    lines = [f"kept {stats['kept']} of {stats['generated']} candidates (yield {100 * stats['yield']:.1f}%)"]
-    if stats["rejected"]:
-        lines.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["rejected"].items())))
-    fk = {k: v for k, v in stats["failures_kept"].items() if k != "none"}
-    if fk:
-        lines.append("injected failures among kept: " + ", ".join(f"{k} {v}" for k, v in sorted(fk.items())))
-    crit = stats.get("criteria") or {}
-    if crit:
-        lines.append("pass rate per criterion: " + ", ".join(
-            f"{k} {100 * v['pass_rate']:.1f}% of {v['evaluated']}" for k, v in crit.items() if v["evaluated"]))
-    lines.append("seconds per stage: " + ", ".join(f"{s} {v:.2f}" for s, v in b["seconds_per_stage"].items())
-                 + f" | {b['seconds_per_1k_kept']:.2f} s per 1k kept ({b['device']})"
-                 + (f", GPU {b['gpu_seconds_per_1k_kept']:.2f} s per 1k kept" if b.get("gpu_seconds") else ""))
-    dup = stats.get("near_duplicates_cross_unit")
-    if dup:
-        lines.append(f"near-duplicates across units (listed in stats.json, not removed): {dup['count']}")
-    if stats.get("caption_pool"):
-        from .text.sources import pool_counts
-
-        lines.append(f"caption pool {stats['caption_pool']['source']}: {pool_counts(stats['caption_pool'])}")
+    """The lines `cirgen triplets` prints for `generate`'s summary (stats.json plus wall time)."""
+    lines = DatasetStats.from_dict(stats).summary_lines()
     if "wall_seconds" in stats:
         lines.append(f"wall time this run: {stats['wall_seconds']:.1f} s")
     return lines

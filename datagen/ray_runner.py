@@ -12,28 +12,45 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from .base.device import DeviceError, check_device_name
+from .config import from_dict, to_dict
 from .recipe import GenRecipe
+from .unit import PipelineError, Stages, run_unit
 
 
-def gpus_per_worker(recipe: GenRecipe) -> float:
-    """One GPU per actor when a stage runs a neural model on an accelerator, else none."""
-    models = []     # devices of the stages that load a model in-process (an openai server is elsewhere)
+def model_devices(recipe: GenRecipe) -> list[tuple[str, str]]:
+    """(recipe field, device name) of every stage that loads a neural model in this process (an
+    openai-compatible server runs elsewhere; vLLM always runs on CUDA)."""
+    out = []
     if recipe.captions.source == "llm" and recipe.captions.llm_backend != "openai":
-        models.append("cuda" if recipe.captions.llm_backend == "vllm" else recipe.captions.llm.runtime.device)
+        out.append(("captions.llm_backend", "cuda") if recipe.captions.llm_backend == "vllm"
+                   else ("captions.llm.runtime.device", recipe.captions.llm.runtime.device))
     if recipe.edits.backend in ("transformers", "vllm"):
-        models.append("cuda" if recipe.edits.backend == "vllm" else recipe.edits.llm.runtime.device)
+        out.append(("edits.backend", "cuda") if recipe.edits.backend == "vllm"
+                   else ("edits.llm.runtime.device", recipe.edits.llm.runtime.device))
     if recipe.images.backend != "shapes":
-        models.append(recipe.images.diffusion.device)
+        out.append(("images.diffusion.device", recipe.images.diffusion.device))
     if recipe.filters.clip.enabled:
-        models.append(recipe.filters.clip.device)
-    return 1.0 if any(d != "cpu" for d in models) else 0.0
+        out.append(("filters.clip.device", recipe.filters.clip.device))
+    return out
+
+
+def gpus_per_worker(recipe: GenRecipe, cluster_gpus: float) -> float:
+    """GPUs each actor asks Ray for: 1 when a model stage names `cuda`/`cuda:N` (or is vLLM), or
+    says `auto` on a cluster that has GPUs; else 0 (`auto` on a CPU-only cluster is the CPU).
+    Raises DeviceError when a stage names CUDA and the cluster has no GPU (Ray would wait forever)."""
+    devices = [(f, check_device_name(d)) for f, d in model_devices(recipe)]
+    explicit = [(f, d) for f, d in devices if d.startswith("cuda")]
+    if explicit and cluster_gpus < 1:
+        f, d = explicit[0]
+        raise DeviceError(f"{f} is {d!r} but the Ray cluster has no GPU; use auto or cpu, or add GPU nodes")
+    if explicit or (cluster_gpus >= 1 and any(d == "auto" for _, d in devices)):
+        return 1.0
+    return 0.0
 
 
 class _UnitActor:
     def __init__(self, recipe_dict: dict, seed: int, out: str):
-        from .config import from_dict
-        from .pipeline import Stages
-
         self.recipe = from_dict(GenRecipe, recipe_dict)
         self.seed, self.out = seed, Path(out)
         self.stages = Stages(self.recipe, seed)
@@ -41,9 +58,7 @@ class _UnitActor:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from .pipeline import run_unit
-
-        kept = [run_unit(self.recipe, self.seed, int(u), int(c), self.out, self.stages)["kept"]
+        kept = [run_unit(self.recipe, self.seed, int(u), int(c), self.out, self.stages).kept
                 for u, c in zip(batch["unit"], batch["count"])]
         return {"unit": np.asarray(batch["unit"]), "kept": np.asarray(kept)}
 
@@ -56,19 +71,15 @@ def run_units_ray(recipe: GenRecipe, seed: int, out: Path, todo: list[tuple[int,
         import ray
         import ray.data
     except ImportError:
-        from .pipeline import PipelineError
-
         raise PipelineError("--ray needs the ray extra: pip install 'cirgen[ray]'") from None
-    from .config import to_dict
-
     started = False
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         started = True
     try:
-        gpus = gpus_per_worker(recipe)
         res = ray.cluster_resources()
+        gpus = gpus_per_worker(recipe, res.get("GPU", 0))
         default = int(res.get("GPU", 0)) if gpus else int(res.get("CPU", 1))
         size = max(1, min(workers or default or 1, len(todo)))
         log(f"ray: {len(todo)} work units on {size} actor(s), {gpus:g} GPU each "

@@ -68,16 +68,70 @@ class DatasetError(CirgenError, ValueError):
     """A dataset folder that cannot be read as a triplet dataset; says which file and why."""
 
 
+RUN_FIELDS: dict[str, type] = {"format": str, "schema_version": int, "recipe_name": str,
+                               "recipe_hash": str, "seed": int, "n": int, "recipe": dict}
+RUN_OPTIONAL_FIELDS: dict[str, type] = {"recipe_path": str, "versions": dict}
+
+
+def read_run_json(path: Path) -> dict:
+    """Read and check a dataset's run.json: a JSON object of the cirgen format whose fields have
+    the right types and ranges. Raises `DatasetError` naming the file and the field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise DatasetError(os_error_line(e, path)) from None
+    try:
+        run = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(run, dict):
+        raise DatasetError(f"{path}: expected a JSON object with the dataset's fields, got a JSON "
+                           f"{type(run).__name__}")
+    if run.get("format") != FORMAT:
+        raise DatasetError(f"{path}: not a cirgen triplet dataset (format {run.get('format')!r}, "
+                           f"expected {FORMAT!r})")
+    missing = [k for k in RUN_FIELDS if k not in run]
+    if missing:
+        raise DatasetError(f"{path}: missing field(s) {', '.join(missing)} (was the file edited? "
+                           f"restore it, or use a new folder)")
+    for k, t in {**RUN_FIELDS, **RUN_OPTIONAL_FIELDS}.items():
+        v = run.get(k)
+        if k in run and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
+            raise DatasetError(f"{path}: field {k!r} must be a JSON {_JSON_NAMES[t]}, got {v!r:.60}")
+    if not 1 <= run["schema_version"] <= SCHEMA_VERSION:
+        raise DatasetError(f"{path}: field 'schema_version' is {run['schema_version']}; this cirgen "
+                           f"reads 1..{SCHEMA_VERSION} (made by a newer cirgen?)")
+    if run["seed"] < 0:
+        raise DatasetError(f"{path}: field 'seed' must be >= 0, got {run['seed']}")
+    if run["n"] < 1:
+        raise DatasetError(f"{path}: field 'n' must be >= 1, got {run['n']}")
+    return run
+
+
+_JSON_NAMES = {str: "string", int: "integer", dict: "object"}
+
+
+
+def shard_path(out: Path, unit: int, rejects: bool = False) -> Path:
+    return out / ("rejects" if rejects else "shards") / f"{unit:06d}.parquet"
+
+
+def iter_units(n: int, unit_size: int) -> Iterator[tuple[int, int]]:
+    """(unit, kept count) of every unit of an `n`-triplet dataset, in order, without a list."""
+    for u in range((n + unit_size - 1) // unit_size):
+        yield u, min(unit_size, n - u * unit_size)
+
+
 _REGENERATE = "rerun the `cirgen triplets` command that made it (same --out) to regenerate it"
 
 
 def read_run(root: str | Path) -> dict:
-    """run.json of the dataset folder `root`, checked field by field (`store.read_run_json`, the
-    writer's own check) and for what readers need to plan its shards (`recipe.pipeline.unit_size`).
+    """run.json of the dataset folder `root`, checked field by field (`read_run_json`, the
+    writer's own check too) and for what readers need to plan its shards (`recipe.pipeline.unit_size`).
 
     Raises DatasetError naming run.json."""
-    from .store import read_run_json   # store imports this module: import when called
-
     root = Path(root)
     path = root / "run.json"
     if not path.is_file():
@@ -309,8 +363,6 @@ def validate_dataset(root: str | Path) -> DatasetLayout:
     Raises DatasetError only when run.json itself cannot be used (see `read_run`).
     """
     # The plan and the file names are the writer's own (imported here: they import this module).
-    from .pipeline import iter_units
-    from .store import shard_path
 
     root = Path(root)
     run = read_run(root)

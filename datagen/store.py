@@ -1,6 +1,6 @@
 """Writing the dataset folder: run.json, atomic shard writes, stats.json and the dataset card.
 
-Every file is written to a temporary name and renamed into place (`write_atomic`, fsync'ed), so a
+Every file is written to a temporary name and renamed into place (`base.io.write_atomic`, fsync'ed), so a
 killed run leaves either the old file or the new one, never half of one; files whose content would
 not change are not touched (a rerun with nothing to do changes no file).
 
@@ -16,13 +16,9 @@ Crash and concurrency rules this module keeps:
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
-import re
-import secrets
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,10 +29,12 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base.errors import CirgenError, MachineError, os_error_line
+from .base.errors import CirgenError
+from .base.io import HOST, machine_error, temp_owner, temp_path, write_atomic
 from .candidate import Candidate
 from .recipe import GenRecipe
-from .schema import FORMAT, SCHEMA_VERSION, STAGES, DatasetError
+from .schema import FORMAT, SCHEMA_VERSION, STAGES, DatasetError, read_run_json, shard_path
+from .stats import Budget, DatasetStats, UnitStats
 
 ROW_GROUP = 100  # rows per parquet row group: readers stream ~100 image pairs at a time
 # Shard files and candidate ids name a unit with six digits, so that name order is unit order.
@@ -44,40 +42,14 @@ MAX_UNITS = 1_000_000
 # A temp file lives for one write (seconds); one older than this is a leftover whatever its PID
 # says (PIDs are reused, e.g. after a container restart, and other hosts' PIDs cannot be checked).
 STALE_TEMP_SECONDS = 3600
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
 
 
 class StoreError(CirgenError, ValueError):
     """The output folder cannot be used; nothing in it was changed."""
 
 
-def machine_error(e: OSError, path: Path | str) -> MachineError:
-    """One-line `MachineError` for an OSError while writing `path` (what to do when it is space)."""
-    hint = ("; free some space and rerun the same command to continue"
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
-    return MachineError(os_error_line(e, path) + hint)
-
-
 # ---------------------------------------------------------------------------------------------
-# Temp files and atomic writes
-
-def temp_path(path: Path) -> Path:
-    """A fresh temp name beside `path`: `.NAME~HOST~PID~TOKEN.tmp` (owner recognisable, unique)."""
-    return path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{secrets.token_hex(4)}.tmp")
-
-
-def _temp_owner(name: str) -> tuple[str, int] | None:
-    """(host, pid) of a cirgen temp file name, or None when the name is not one of ours.
-    Also reads the older form `.NAME.PID.tmp` (this host)."""
-    if not (name.startswith(".") and name.endswith(".tmp")):
-        return None
-    stem = name[1:-4]
-    parts = stem.rsplit("~", 3)
-    if len(parts) == 4 and parts[2].isdigit():
-        return parts[1], int(parts[2])
-    m = re.fullmatch(r".+\.(\d+)", stem)
-    return (_HOST, int(m[1])) if m else None
-
+# Temp files (written by `base.io.write_atomic`) left by killed runs
 
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
@@ -91,48 +63,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def write_atomic(path: Path, data: bytes | memoryview | pa.Buffer) -> bool:
-    """Write `data` to `path` via a fsync'ed temp file + rename; skip (return False) if the file
-    already holds exactly `data`. An OSError (disk full, read-only folder) removes the temp file
-    and raises `MachineError` naming `path`; the old file, if any, is untouched."""
-    data = memoryview(data)
-    try:
-        if path.is_file() and path.stat().st_size == data.nbytes and path.read_bytes() == data:
-            return False
-    except OSError:
-        pass                 # unreadable old file: replace it
-    tmp = temp_path(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(fd, "wb", closefd=True) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise machine_error(e, path) from None
-    _fsync_dir(path.parent)
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort: not every file system lets a folder be fsync'ed)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def clean_temp_files(out: Path) -> int:
     """Remove temp files that killed runs left behind; return how many. A temp file of a live
     process (another `--shard` run writing into this folder) is left alone."""
@@ -142,14 +72,14 @@ def clean_temp_files(out: Path) -> int:
         if not sub.is_dir():
             continue
         for p in sub.iterdir():
-            owner = _temp_owner(p.name)
+            owner = temp_owner(p.name)
             if owner is None or not p.is_file():
                 continue
             try:
                 stale = now - p.stat().st_mtime > STALE_TEMP_SECONDS
             except FileNotFoundError:
                 continue
-            if not stale and (owner[0] != _HOST or _pid_alive(owner[1])):
+            if not stale and (owner[0] != HOST or _pid_alive(owner[1])):
                 continue
             try:
                 p.unlink()
@@ -177,51 +107,6 @@ def probe_writable(out: Path) -> None:
 # run.json
 
 # Fields every run.json has (what readers rely on), then fields only the writer adds.
-RUN_FIELDS: dict[str, type] = {"format": str, "schema_version": int, "recipe_name": str,
-                               "recipe_hash": str, "seed": int, "n": int, "recipe": dict}
-RUN_OPTIONAL_FIELDS: dict[str, type] = {"recipe_path": str, "versions": dict}
-
-
-def read_run_json(path: Path) -> dict:
-    """Read and check a dataset's run.json: a JSON object of the cirgen format whose fields have
-    the right types and ranges. Raises `DatasetError` naming the file and the field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise DatasetError(os_error_line(e, path)) from None
-    try:
-        run = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(run, dict):
-        raise DatasetError(f"{path}: expected a JSON object with the dataset's fields, got a JSON "
-                           f"{type(run).__name__}")
-    if run.get("format") != FORMAT:
-        raise DatasetError(f"{path}: not a cirgen triplet dataset (format {run.get('format')!r}, "
-                           f"expected {FORMAT!r})")
-    missing = [k for k in RUN_FIELDS if k not in run]
-    if missing:
-        raise DatasetError(f"{path}: missing field(s) {', '.join(missing)} (was the file edited? "
-                           f"restore it, or use a new folder)")
-    for k, t in {**RUN_FIELDS, **RUN_OPTIONAL_FIELDS}.items():
-        v = run.get(k)
-        if k in run and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
-            raise DatasetError(f"{path}: field {k!r} must be a JSON {_JSON_NAMES[t]}, got {v!r:.60}")
-    if not 1 <= run["schema_version"] <= SCHEMA_VERSION:
-        raise DatasetError(f"{path}: field 'schema_version' is {run['schema_version']}; this cirgen "
-                           f"reads 1..{SCHEMA_VERSION} (made by a newer cirgen?)")
-    if run["seed"] < 0:
-        raise DatasetError(f"{path}: field 'seed' must be >= 0, got {run['seed']}")
-    if run["n"] < 1:
-        raise DatasetError(f"{path}: field 'n' must be >= 1, got {run['n']}")
-    return run
-
-
-_JSON_NAMES = {str: "string", int: "integer", dict: "object"}
-
-
 def _check_identity(run: dict, path: Path, recipe: GenRecipe, seed: int) -> None:
     """The dataset in `path` (run.json, already read) is (recipe, seed)'s, and its recorded recipe
     is the one its hash names (a hand-edit of either is caught)."""
@@ -306,9 +191,9 @@ def _leftovers_only(out: Path) -> bool:
     try:
         for p in out.iterdir():
             if p.name in ("shards", "rejects") and p.is_dir():
-                if any(_temp_owner(q.name) is None for q in p.iterdir()):
+                if any(temp_owner(q.name) is None for q in p.iterdir()):
                     return False
-            elif _temp_owner(p.name) is None:
+            elif temp_owner(p.name) is None:
                 return False
     except OSError as e:
         raise machine_error(e, e.filename or out) from None
@@ -417,10 +302,6 @@ def set_target(out: Path, recipe: GenRecipe, seed: int, n: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Shards
-
-def shard_path(out: Path, unit: int, rejects: bool = False) -> Path:
-    return out / ("rejects" if rejects else "shards") / f"{unit:06d}.parquet"
-
 
 class _Damaged(Exception):
     pass
@@ -599,13 +480,16 @@ def _damaged_error(path: Path, e: Exception) -> DatasetError:
                         f"and rerun the same `cirgen triplets` command to regenerate its unit")
 
 
-def unit_stats(out: Path, unit: int) -> dict:
+def unit_stats(out: Path, unit: int) -> UnitStats:
     """The unit's statistics from its shard's footer (DatasetError naming the file if damaged)."""
     p = shard_path(out, unit)
     try:
-        return _footer(p)[1]
+        return UnitStats.from_dict(_footer(p)[1])
     except _Damaged as d:
         raise DatasetError(f"{d}; rerun the same `cirgen triplets` command to regenerate unit {unit}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{p}: its footer's unit statistics lack or mistype {e}; rerun the same "
+                           f"`cirgen triplets` command to regenerate unit {unit}") from None
 
 
 def _device_type(device: str | None) -> str:
@@ -647,80 +531,30 @@ def _scan_rows(out: Path, unit: int) -> tuple[dict, dict]:
     return crit, devices
 
 
-def aggregate_stats(out: Path, units: list[int]) -> dict:
-    """stats.json from the per-unit statistics stored in each shard's footer.
+def aggregate_stats(out: Path, units: list[int]) -> DatasetStats:
+    """stats.json's content from the per-unit statistics stored in each shard's footer, and the
+    rows' pass columns and devices (see `DatasetStats.from_units`).
 
     Budget: seconds per stage (summed over every candidate, kept or rejected), per generated and
     per kept triplet, split by the device each stage ran on (`seconds_by_device`, GPU seconds).
     Pass rates per criterion are over the candidates that criterion scored (`criteria`).
     """
-    total = {"kept": 0, "generated": 0, "rejected": {}, "failures_kept": {}, "failures_generated": {},
-             "edit_types": {}, "passes": {}, "seconds": {s: 0.0 for s in STAGES}}
     crit: dict[str, list[int]] = {}
-    by_device: dict[str, float] = {}
-    stage_devices: dict[str, set] = {s: set() for s in STAGES}
+    per_unit = []
     for u in units:
         st = unit_stats(out, u)
-        total["kept"] += st["kept"]
-        total["generated"] += st["generated"]
-        for key in ("rejected", "failures_kept", "failures_generated", "edit_types", "passes"):
-            for k, v in st[key].items():
-                total[key][k] = total[key].get(k, 0) + v
         unit_crit, unit_dev = _scan_rows(out, u)
         for k, (e, p) in unit_crit.items():
             c = crit.setdefault(k, [0, 0])
             c[0] += e
             c[1] += p
+        # A unit runs in one process, so a stage has one device per unit: take the majority.
+        devices = {}
         for s in STAGES:
-            sec = st["seconds"].get(s, 0.0)
-            total["seconds"][s] += sec
-            # A unit runs in one process, so a stage has one device per unit: take the majority.
             counts = unit_dev.get(s) or {"cpu": 1}
-            dev = max(sorted(counts), key=counts.get)
-            stage_devices[s].add(dev)
-            by_device[dev] = by_device.get(dev, 0.0) + sec
-    sec = sum(total["seconds"].values())
-    gen, kept = max(total["generated"], 1), max(total["kept"], 1)
-    total["criteria"] = {k.removeprefix("pass_"): {"evaluated": e, "passed": p,
-                                                   "pass_rate": round(p / e, 4) if e else None}
-                         for k, (e, p) in sorted(crit.items())}
-    # Pass rate of a criterion = passed / candidates it scored (= generated when nothing is
-    # rejected before the filters, which is what older datasets without pass columns assume).
-    total["pass_rates"] = {k: round(v / (crit.get(k, [gen])[0] or gen), 4)
-                           for k, v in sorted(total["passes"].items())}
-    total["yield"] = round(total["kept"] / gen, 4)
-    gpu = sum(v for d, v in by_device.items() if d != "cpu")
-    total["budget"] = {
-        "seconds_total": round(sec, 3),
-        "seconds_per_stage": {s: round(v, 3) for s, v in total["seconds"].items()},
-        "seconds_per_generated": round(sec / gen, 6),
-        "seconds_per_kept": round(sec / kept, 6),
-        "seconds_per_1k_kept": round(1000 * sec / kept, 3),
-        "stage_seconds_per_generated": {s: round(v / gen, 6) for s, v in total["seconds"].items()},
-        "stage_seconds_per_kept": {s: round(v / kept, 6) for s, v in total["seconds"].items()},
-        "device_per_stage": {s: "+".join(sorted(d)) for s, d in stage_devices.items()},
-        "seconds_by_device": {d: round(v, 3) for d, v in sorted(by_device.items())},
-        "gpu_seconds": round(gpu, 3),
-        "gpu_seconds_per_1k_kept": round(1000 * gpu / kept, 3),
-        "device": "+".join(sorted({d for ds in stage_devices.values() for d in ds})) or "cpu",
-    }
-    del total["seconds"]
-    dd = _dedupe_settings(out)
-    if dd is not None:
-        from .dedupe import cross_unit_report
-
-        total["near_duplicates_cross_unit"] = cross_unit_report(
-            out, units, dd["max_distance"], dd["match"], dd["channels"])
-    return total
-
-
-def _dedupe_settings(out: Path) -> dict | None:
-    """The dataset's dedupe section when its cross-unit report is on (read from run.json)."""
-    try:
-        dd = read_run_json(out / "run.json")["recipe"]["filters"]["dedupe"]
-    except (DatasetError, KeyError, TypeError):
-        return None
-    return dd if isinstance(dd, dict) and dd.get("enabled") and dd.get("cross_unit_report") else None
+            devices[s] = max(sorted(counts), key=counts.get)
+        per_unit.append((st, devices))
+    return DatasetStats.from_units(per_unit, {k: (e, p) for k, (e, p) in crit.items()})
 
 
 CARD = """---
@@ -758,16 +592,18 @@ ds = load_dataset("parquet", data_files="{root}/shards/*.parquet", split="train"
 """
 
 
-def write_card(out: Path, run: dict, stats: dict) -> None:
+def write_card(out: Path, run: dict, stats: DatasetStats) -> None:
+    """README.md of the dataset folder (a Hugging Face dataset card) from run.json and the stats."""
     recipe = run["recipe"]
+    b = stats.budget or Budget()
     text = CARD.format(
         name=run["recipe_name"], hash=run["recipe_hash"], seed=run["seed"],
-        description=(recipe.get("description") or "").strip(), kept=stats["kept"],
-        generated=stats["generated"], yield_pct=100 * stats["yield"],
-        rejected=json.dumps(stats["rejected"], sort_keys=True) or "{}",
-        failures=json.dumps(stats["failures_kept"], sort_keys=True),
-        tier=recipe["quality"]["tier"], per1k=stats["budget"]["seconds_per_1k_kept"], root=".",
-        device=stats["budget"].get("device", "cpu"), gpu1k=stats["budget"].get("gpu_seconds_per_1k_kept", 0.0),
-        pass_rates=", ".join(f"{k} {100 * v['pass_rate']:.1f}%" for k, v in stats.get("criteria", {}).items()
-                             if v["pass_rate"] is not None) or "-")
-    write_atomic(out / "README.md", text.encode())
+        description=(recipe.get("description") or "").strip(), kept=stats.kept,
+        generated=stats.generated, yield_pct=100 * stats.yield_,
+        rejected=json.dumps(stats.rejected, sort_keys=True),
+        failures=json.dumps(stats.failures_kept, sort_keys=True),
+        tier=recipe["quality"]["tier"], per1k=b.seconds_per_1k_kept, root=".",
+        device=b.device, gpu1k=b.gpu_seconds_per_1k_kept,
+        pass_rates=", ".join(f"{k} {100 * c.pass_rate:.1f}%" for k, c in stats.criteria.items()
+                             if c.pass_rate is not None) or "-")
+    write_atomic(out / "README.md", text)

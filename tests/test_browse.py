@@ -254,7 +254,7 @@ def test_retrieval_report_marks_hits_and_computes_recall(tmp_path):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """Headless Debian Chromium. Missing browser = FAIL (CI installs it), never a skip."""
-    from datagen.report.headless import BrowserMissing, start_chromium
+    from headless import BrowserMissing, start_chromium
 
     try:
         drv = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
@@ -269,7 +269,7 @@ def browser(tmp_path_factory):
 
 
 def _open(drv, report: Path) -> int:
-    from datagen.report.headless import wait_rendered
+    from headless import wait_rendered
 
     drv.get(report.resolve().as_uri() + "/index.html")
     return wait_rendered(drv)
@@ -282,7 +282,7 @@ def _cards(drv) -> list[dict]:
 
 
 def _click(drv, facet: str, value: str, token: int) -> int:
-    from datagen.report.headless import wait_rendered
+    from headless import wait_rendered
 
     drv.find_element("css selector", f'.facet[data-facet="{facet}"] .chip[data-value="{value}"]').click()
     return wait_rendered(drv, token)
@@ -291,7 +291,7 @@ def _click(drv, facet: str, value: str, token: int) -> int:
 def test_browser_filters_sort_page_and_escape(tmp_path, browser):
     from selenium.webdriver.support.ui import Select
 
-    from datagen.report.headless import wait_rendered
+    from headless import wait_rendered
 
     ds = tmp_path / "ds"
     facts = make_dataset(ds)

@@ -193,8 +193,8 @@ def test_deleted_rejects_file_is_damage_only_when_it_held_rows(ds):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda run: [1, 2], r"run\.json: expected a JSON object, found a list"),
-    (lambda run: {"format": run["format"]}, r"run\.json: 'n' should be an integer, found None"),
+    (lambda run: [1, 2], r"run\.json: expected a JSON object .*got a JSON list"),
+    (lambda run: {"format": run["format"]}, r"run\.json: missing field\(s\) .*\bn\b"),
     (lambda run: dict(run, seed=1), r"shards/000000\.parquet: row 0 .* not made with run\.json's seed 1"),
     (lambda run: dict(run, recipe_hash="0" * 16), r"run\.json: recipe_hash '0+' is not the hash"),
 ])

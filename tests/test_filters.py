@@ -13,7 +13,7 @@ from datagen.candidate import Candidate
 from datagen.clip_scores import ClipScorer, shared_scorer
 from datagen.config import ConfigError
 from datagen.filters import ClipFilter, build_filters, load_scorer
-from datagen.pipeline import Stages
+from datagen.unit import Stages
 from datagen.recipe import load_gen_recipe
 from datagen.world.render import RenderConfig, encode, render
 from datagen.world.scene import sample_scene

@@ -19,11 +19,11 @@ import pytest
 
 from conftest import dataset_content, file_states
 from datagen.base.errors import CirgenError, MachineError
+from datagen.base.io import temp_path, write_atomic, write_atomic_with
 from datagen.pipeline import PipelineError, generate, iter_units
 from datagen.recipe import load_gen_recipe
 from datagen.schema import DatasetError, TripletReader
-from datagen.store import (MAX_UNITS, StoreError, check_unit, clean_temp_files, read_run_json, temp_path,
-                           write_atomic)
+from datagen.store import MAX_UNITS, StoreError, check_unit, clean_temp_files, read_run_json
 
 TINY = ["images.resolution=32", "pipeline.unit_size=4", "pipeline.batch_size=4"]
 REJECTING = ["filters.text.max_words=6"]      # the text filter then rejects about half the candidates
@@ -193,6 +193,30 @@ def test_write_atomic_fsyncs_skips_identical_content_and_cleans_up_on_failure(tm
     with pytest.raises(MachineError, match="f.json: Read-only file system"):
         write_atomic(p, b"new")
     assert p.read_bytes() == b"abc" and [x.name for x in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_write_atomic_takes_text_and_a_writer_callback_with_the_same_guarantees(tmp_path, monkeypatch):
+    p = tmp_path / "m.txt"
+    assert write_atomic(p, "é\n") and p.read_bytes() == "é\n".encode()
+    assert not write_atomic(p, "é\n")                     # same text: file untouched
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    q = tmp_path / "w.bin"
+    write_atomic_with(q, lambda tmp: tmp.write_bytes(b"xyz"))
+    assert q.read_bytes() == b"xyz" and len(synced) == 2      # the file, then its folder
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer broke")
+    with pytest.raises(RuntimeError, match="writer broke"):
+        write_atomic_with(q, half_then_fail)
+
+    def disk_full(tmp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(MachineError, match=r"w\.bin: No space left on device \(ENOSPC\); free some space"):
+        write_atomic_with(q, disk_full)
+    assert q.read_bytes() == b"xyz" and sorted(x.name for x in tmp_path.iterdir()) == ["m.txt", "w.bin"]
 
 
 # --- 25: an unwritable shards/ is found before run.json changes -------------------------------

@@ -12,7 +12,7 @@ from datagen.candidate import Candidate, candidate_seed
 from datagen.captions import build_captions
 from datagen.config import ConfigError
 from datagen.edits import build_edits
-from datagen.pipeline import Stages, run_unit
+from datagen.unit import Stages, run_unit
 from datagen.recipe import load_gen_recipe
 from datagen.text.assign import SlotAssigner, permute
 from datagen.text.dedup import NearDupIndex, jaccard, word_set
@@ -310,10 +310,10 @@ def test_run_unit_counts_text_rejects_by_reason(tmp_path):
     (out / "shards").mkdir(parents=True)
     (out / "rejects").mkdir()
     st = run_unit(r, 0, 0, 10, out, stages)
-    assert st["kept"] == 10
-    assert st["rejected"].get("text_no_keyword", 0) >= 1
-    assert st["generated"] == st["kept"] + sum(st["rejected"].values())
-    assert all(k.startswith("keyword_") for k in st["edit_types"])
+    assert st.kept == 10
+    assert st.rejected.get("text_no_keyword", 0) >= 1
+    assert st.generated == st.kept + sum(st.rejected.values())
+    assert all(k.startswith("keyword_") for k in st.edit_types)
     rej = pq.read_table(out / "rejects" / "000000.parquet").to_pylist()
     assert {x["reject_reason"] for x in rej} == {"text_no_keyword"}
     kept = pq.read_table(out / "shards" / "000000.parquet").to_pylist()

@@ -117,10 +117,6 @@ class SharedSelfAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def self_attention_names(unet) -> list[str]:
-    return [n for n in unet.attn_processors if n.endswith("attn1.processor")]
-
-
 @contextmanager
 def shared_self_attention(unet, state: ShareState) -> Iterator[int]:
     """Install the sharing processor on every self-attention layer for the duration of a call;

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..base.device import resolve_device
+
 SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",    # IP2P's sampler (k-diffusion Euler ancestral)
     "euler": "EulerDiscreteScheduler",
@@ -24,14 +26,6 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def resolve_dtype(dtype: str, device: str):

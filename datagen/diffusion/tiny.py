@@ -1,5 +1,8 @@
-"""Hub-free diffusers components built from explicit configs: tiny ones for tests and CPU benches,
-SD 1.5-size ones (random weights) for GPU throughput checks.
+"""Hub-free diffusers pipelines built from explicit configs: a public helper for offline dry runs of
+a diffusers recipe (its wiring, shards, filters and timings, with random weights, on a CPU and
+without a download), used by the tests and the CPU benches too; SD 1.5-size ones (random weights)
+serve GPU throughput checks. Build one (`build_sd_pipeline(write_clip_tokenizer_files(dir))`),
+`save_pretrained` it into a folder and point the recipe's `images.diffusion.model` at that folder.
 
 Nothing here downloads anything: the CLIP tokenizer's vocab.json/merges.txt are written from the
 BPE merges that open_clip ships, and every model is randomly initialised from a config dict.

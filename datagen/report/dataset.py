@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..schema import STAGES, TripletReader, read_batches, read_schema, read_stats
+from ..stats import DatasetStats
 from .result import ReportResult
 from .thumbs import ThumbCache
 from .writer import ChunkWriter, ReportError, check_sizes, facet, number, prepare_out, write_viewer
@@ -50,9 +51,9 @@ def _dataset_names(roots: list[Path]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n} ({i + 1})" for i, n in enumerate(names)]
 
 
-def _budget_chart(name: str, stats: dict | None, row_seconds: dict[str, float]) -> dict:
-    if stats and "budget" in stats:
-        per = stats["budget"]["seconds_per_stage"]
+def _budget_chart(name: str, stats: DatasetStats | None, row_seconds: dict[str, float]) -> dict:
+    if stats is not None and stats.budget is not None:
+        per = stats.budget.seconds_per_stage
         src = "stats.json"
     else:  # incomplete dataset (no stats.json yet): sum the rows' own timings instead
         per, src = row_seconds, "rows"
@@ -121,7 +122,8 @@ def _read_dataset(name: str, reader: TripletReader, rejects: bool, thumbs: Thumb
                   chunks: ChunkWriter, cols: dict[str, list], scores: list[str],
                   passes: list[str]) -> tuple[dict, dict]:
     """Add one dataset's rows (kept, then rejected); return its summary row and budget chart."""
-    stats = read_stats(reader.root)
+    raw = read_stats(reader.root)
+    stats = DatasetStats.from_dict(raw) if raw else None
     row_seconds = {s: 0.0 for s in STAGES}
     counts = {"kept": 0, "rejected": 0}
     for rej in ([False, True] if rejects else [False]):
@@ -134,10 +136,10 @@ def _read_dataset(name: str, reader: TripletReader, rejects: bool, thumbs: Thumb
         "name": name, "path": str(reader.root.resolve()), "recipe": run.get("recipe_name"),
         "tier": (run.get("recipe") or {}).get("quality", {}).get("tier"), "seed": run.get("seed"),
         "target_n": run.get("n"), "kept_rows": counts["kept"], "rejected_rows": counts["rejected"],
-        "generated": stats.get("generated") if stats else None,
-        "yield": stats.get("yield") if stats else None,
-        "seconds_per_1k_kept": (stats.get("budget") or {}).get("seconds_per_1k_kept") if stats else None,
-        "complete": reader.layout.complete and bool(stats) and stats.get("kept") == run.get("n"),
+        "generated": stats.generated if stats else None,
+        "yield": stats.yield_ if stats else None,
+        "seconds_per_1k_kept": stats.budget.seconds_per_1k_kept if stats and stats.budget else None,
+        "complete": reader.layout.complete and stats is not None and stats.kept == run.get("n"),
     }
     return source, _budget_chart(name, stats, row_seconds)
 

@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw
 
 from datagen.base.images import open_image
 
+from ..base.io import write_atomic
+
 THUMB_VERSION = 2  # bump when the thumbnail recipe changes: old files then stop matching
                    # (2: the project's image loader: EXIF orientation, 16-bit, alpha on white)
 JPEG_QUALITY = 85
@@ -115,10 +117,7 @@ def write_thumbnails(jobs: list[tuple[bytes, int, str]]) -> tuple[int, float]:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             thumb = placeholder(size)  # the right thumbnail for these bytes: shown, and cached
             bad += 1
-        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(thumb)
-        os.replace(tmp, path)
+        write_atomic(Path(path), thumb)
     return bad, time.process_time() - cpu0
 
 

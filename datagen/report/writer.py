@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..base.errors import CirgenError
+from ..base.io import write_atomic
 
 REPORT_FORMAT = "cirgen-report"
 STATIC_FILES = ("index.html", "report.js", "report.css")
@@ -52,13 +52,7 @@ def clean_float(x: Any, digits: int = 4) -> float | None:
 
 def write_if_changed(path: Path, text: str | bytes) -> bool:
     """Write via temp file + rename unless `path` already holds exactly this; True if written."""
-    data = text.encode() if isinstance(text, str) else text
-    if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return False
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return True
+    return write_atomic(path, text)
 
 
 def check_sizes(thumb_size: int, chunk_size: int) -> None:

@@ -13,8 +13,9 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+from ..base.device import resolve_device
 from ..base.threads import record_threads
-from .llm import Reply, Request
+from .protocol import Reply, Request, prompt_format
 
 _LOCK = threading.Lock()
 
@@ -50,14 +51,6 @@ def _dtype(name: str, device: str):
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
     except KeyError:
         raise ValueError(f"dtype {name!r}: expected auto, float32, bfloat16 or float16") from None
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 @lru_cache(maxsize=2)
@@ -119,7 +112,7 @@ class TransformersGenerator:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.device = _device(cfg.runtime.device)
+        self.device = str(resolve_device(cfg.runtime.device))
         self._tok = self._lm = None
         self._format: str | None = None
 
@@ -134,11 +127,7 @@ class TransformersGenerator:
     @property
     def format(self) -> str:
         if self._format is None:
-            if self.cfg.format != "auto":
-                self._format = self.cfg.format
-            else:
-                tok, _ = self._load()
-                self._format = "chat" if getattr(tok, "chat_template", None) else "completion"
+            self._format = prompt_format(self.cfg.format, lambda: self._load()[0])
         return self._format
 
     def describe(self) -> dict:

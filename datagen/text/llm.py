@@ -1,56 +1,21 @@
-"""What every LLM backend shares: the request/reply types, the backend registry, and the two
-pipeline components built on them (`LLMEditor` for the edits stage; the caption writer lives in
-`datagen.text.sources`).
+"""The LLM backend registry (`load_generator`) and what the pipeline builds on a backend:
+`LLMEditor` for the edits stage (the caption writer lives in `datagen.text.sources`).
 
-A backend (transformers, vllm, openai) is anything with `format` ("chat" or "completion", resolved
-from the model where the recipe says `auto`), `generate(requests) -> replies` (same order, one
-reply per request, never raising for one bad request) and `describe()` (what to record per triplet).
 Each request carries its own seed, derived from the candidate, so a candidate's text does not
-depend on which batch it was in (up to the numerics of batched kernels).
+depend on which batch it was in (up to the numerics of batched kernels). The request/reply types
+and the backend protocol live in `text.protocol`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
-from ..base.errors import CirgenError
 from ..candidate import Candidate
 from .prompt import (EDIT_SCHEMA, END, Limits, edit_messages, edit_prompt, load_edit_examples,
                      parse_edit, pick_examples)
+from .protocol import Reply, Request, TextGenerator, TextServerError  # noqa: F401 (re-exported)
 
 RAW_KEEP = 400   # characters of a rejected reply kept in the rejects shard, for debugging
-
-
-@dataclass
-class Request:
-    seed: int
-    messages: list[dict] | None = None     # chat format
-    prompt: str | None = None              # completion format
-    schema: dict | None = None             # JSON schema the reply must follow (chat)
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Reply:
-    text: str = ""
-    finish_reason: str = "stop"            # "stop" or "length" (truncated)
-    error: str | None = None               # "server_error" or "timeout": no text at all
-    detail: str | None = None              # with `error`: what the server said (status, message)
-
-
-class TextServerError(CirgenError, RuntimeError):
-    """A text server refused in a way no retry fixes (bad request, auth, unknown model), or kept
-    failing; the message is one line with the URL, the HTTP status and the server's own words."""
-
-
-class TextGenerator(Protocol):
-    format: str
-
-    def generate(self, requests: list[Request]) -> list[Reply]: ...
-
-    def describe(self) -> dict: ...
 
 
 def load_generator(backend: str, cfg) -> TextGenerator:

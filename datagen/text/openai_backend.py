@@ -35,7 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from .llm import Reply, Request, TextServerError
+from ..base.io import write_atomic
+from .protocol import Reply, Request, TextServerError
 
 _RETRY_STATUS = {408, 409, 425, 429}
 _MAX_BACKOFF_S = 60.0
@@ -116,9 +117,7 @@ class ReplyCache:
     def put(self, key: str, reply: Reply) -> None:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.{id(reply)}.tmp")
-        tmp.write_text(json.dumps({"text": reply.text, "finish_reason": reply.finish_reason}))
-        os.replace(tmp, p)
+        write_atomic(p, json.dumps({"text": reply.text, "finish_reason": reply.finish_reason}))
 
 
 class OpenAIGenerator:

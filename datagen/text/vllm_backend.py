@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from .llm import Reply, Request
+from .protocol import Reply, Request, prompt_format
 
 
 def structured_kwargs(schema: dict) -> dict:
@@ -56,11 +56,7 @@ class VLLMGenerator:
     @property
     def format(self) -> str:
         if self._format is None:
-            if self.cfg.format != "auto":
-                self._format = self.cfg.format
-            else:
-                tok = self._engine().get_tokenizer()
-                self._format = "chat" if getattr(tok, "chat_template", None) else "completion"
+            self._format = prompt_format(self.cfg.format, lambda: self._engine().get_tokenizer())
         return self._format
 
     def describe(self) -> dict:

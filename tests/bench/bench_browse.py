@@ -14,6 +14,7 @@ import os as _os
 import sys as _sys
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # tests/headless.py
 from _emit import emit  # noqa: E402
 
 import argparse
@@ -46,7 +47,7 @@ def _load() -> float:
 
 
 def _browser_timings(report: Path) -> dict:
-    from datagen.report.headless import start_chromium, wait_rendered
+    from headless import start_chromium, wait_rendered
 
     t0 = time.perf_counter()
     drv = start_chromium()

@@ -1,0 +1,39 @@
+"""The base layer's device resolver: one answer for every stage's `device` setting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datagen.base.device import DeviceError, check_device_name, resolve_device, wants_cuda
+from datagen.base.errors import CirgenError
+
+
+def test_auto_is_cuda_when_torch_sees_one_else_cpu():
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == torch.device(want)
+    assert wants_cuda("auto") is torch.cuda.is_available()
+
+
+def test_named_devices_that_need_no_gpu():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("meta") == torch.device("meta")
+    assert not wants_cuda("cpu") and not wants_cuda("meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_explicit_cuda_without_a_gpu_is_one_line_naming_the_device(name):
+    with pytest.raises(DeviceError) as e:
+        resolve_device(name)
+    msg = str(e.value)
+    assert isinstance(e.value, CirgenError) and "\n" not in msg
+    assert msg.startswith(f"device {name!r} requested but torch sees no CUDA device (torch {torch.__version__}")
+    assert wants_cuda(name)
+
+
+@pytest.mark.parametrize("name", ["gpu", "CUDA", "cuda:", "cuda:x", "", "cpu ", 0, None])
+def test_unknown_names_are_refused_before_torch_is_asked(name):
+    with pytest.raises(DeviceError, match="expected auto, cpu, cuda, cuda:N, mps or meta"):
+        check_device_name(name)
+    with pytest.raises(DeviceError):
+        resolve_device(name)
