@@ -67,6 +67,12 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-8` (no dot) as text; take it as the number it is meant to be.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -37,3 +37,21 @@ def test_unknown_names_are_refused_before_torch_is_asked(name):
         check_device_name(name)
     with pytest.raises(DeviceError):
         resolve_device(name)
+
+
+def test_config_numbers_written_as_yaml_1_1_reads_them():
+    """`--set train.eps=1e-8` is text to YAML 1.1 (no dot): a float field takes it as the number;
+    text that is no number stays an error naming the key."""
+    from dataclasses import dataclass
+
+    import pytest
+
+    from datagen.config import ConfigError, apply_overrides, from_dict
+
+    @dataclass
+    class C:
+        eps: float = 1e-6
+
+    assert from_dict(C, apply_overrides({}, ["eps=1e-8"])).eps == 1e-8
+    with pytest.raises(ConfigError, match="eps: expected a number, got 'tiny'"):
+        from_dict(C, {"eps": "tiny"})
