@@ -85,7 +85,10 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML 1.1 reads off/on/no/yes as booleans: `--set hard_negatives.kind=off` means "off".
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected text, got {value!r}")
         return str(value)
     return value

@@ -51,7 +51,9 @@ def test_config_numbers_written_as_yaml_1_1_reads_them():
     @dataclass
     class C:
         eps: float = 1e-6
+        kind: str = "mixed"
 
     assert from_dict(C, apply_overrides({}, ["eps=1e-8"])).eps == 1e-8
+    assert from_dict(C, apply_overrides({}, ["kind=off"])).kind == "off"      # YAML 1.1: off is false
     with pytest.raises(ConfigError, match="eps: expected a number, got 'tiny'"):
         from_dict(C, {"eps": "tiny"})

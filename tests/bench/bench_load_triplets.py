@@ -3,10 +3,9 @@
     python tests/bench/bench_load_triplets.py --json bench-load-triplets.json   # 1k of 100k
     python tests/bench/bench_load_triplets.py --quick                            # smoke mode (CI)
 
-Writes a synthetic cirgen dataset folder (run.json + parquet shards of 500 rows in row groups of
-100, as datagen writes them) whose images are small PNGs (16x16 noise, ~0.9 kB, each made unique by
-a text chunk so parquet cannot deduplicate them), then loads it in fresh subprocesses and reports
-each one's peak resident memory (VmHWM; ru_maxrss where /proc is absent): imports only, `max_triplets=K`, `max_triplets=K` with a
+Writes a real cirgen dataset folder (`cirgen triplets` with shapes-high at 16 px PNG: shards of 500
+rows in row groups of 100) whose images are small, then loads it in fresh subprocesses and reports
+each one's peak resident memory (VmHWM; ru_maxrss where /proc is absent): imports only (cirgen and torch, which stage II holds anyway), `max_triplets=K`, `max_triplets=K` with a
 `where` filter, and everything. With the two-pass reader the subsample costs about the imports
 plus K rows' bytes; the whole dataset costs its image bytes.
 """
@@ -19,27 +18,24 @@ _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
 from _emit import emit  # noqa: E402
 
 import argparse
-import io
 import json
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 SHARD_ROWS = 500
-ROW_GROUP = 100
 
 # Runs in a fresh interpreter: load, then report peak RSS and wall time. VmHWM (Linux) is the peak
 # of this process image only; ru_maxrss can carry the parent's resident size over fork + exec.
 _CHILD = """
 import json, resource, sys, time
 from cir.triplets import TripletsConfig, load_triplets
+import cir.features  # what stage II has loaded anyway (torch): the baseline, not part of the subsample's cost
 cfg = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 n = len(load_triplets(TripletsConfig(**cfg))) if cfg else 0
@@ -52,48 +48,22 @@ print(json.dumps({"triplets": n, "seconds": round(secs, 2), "peak_rss_mb": round
 """
 
 
-def _unique_png(base: bytes, i: int) -> bytes:
-    """`base` with a tEXt chunk holding `i` before IEND: a valid PNG whose bytes differ per row."""
-    data = b"id\x00" + str(i).encode()
-    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
-    return base[:-12] + chunk + base[-12:]
-
-
 def write_dataset(root: Path, n: int) -> float:
-    """A cirgen dataset folder with n kept triplets; returns the mean image size in bytes."""
-    import numpy as np
-    import pyarrow as pa
+    """A real cirgen dataset of n kept triplets (`shapes-high` at 16 px, PNG, shards of 500 rows in
+    row groups of 100, as datagen writes them, so every reader check passes); returns the mean
+    image size in bytes."""
     import pyarrow.parquet as pq
-    from PIL import Image
 
-    from datagen.schema import FORMAT, build_schema
+    from datagen.pipeline import generate
+    from datagen.recipe import load_gen_recipe
 
-    rng = np.random.default_rng(0)
-    bases = []
-    for _ in range(8):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
-        bases.append(buf.getvalue())
-    schema = build_schema(["score_clip_dir"], [])
-    (root / "shards").mkdir(parents=True)
-    (root / "run.json").write_text(json.dumps({"format": FORMAT, "seed": 0, "recipe_hash": "bench"}))
+    recipe = load_gen_recipe("shapes-high", ["images.resolution=16", "images.format=png",
+                                             f"pipeline.unit_size={SHARD_ROWS}"])
+    generate(recipe, root, n, workers=os.cpu_count() or 1, progress=False, log=lambda s: None)
     total = 0
-    for s, start in enumerate(range(0, n, SHARD_ROWS)):
-        idx = range(start, min(n, start + SHARD_ROWS))
-        k = len(idx)
-        imgs = {}
-        for col, off in (("reference_image", 0), ("target_image", 1)):
-            b = [_unique_png(bases[(2 * i + off) % 8], 2 * i + off) for i in idx]
-            total += sum(map(len, b))
-            imgs[col] = pa.StructArray.from_arrays([pa.array(b, pa.binary()), pa.nulls(k, pa.string())],
-                                                   fields=list(schema.field(col).type))
-        cols = {"id": pa.array([f"t{i}" for i in idx]), "index": pa.array(list(idx), pa.int64()),
-                "modification_text": pa.array([f"add {i % 7} red circles" for i in idx]),
-                "failure": pa.array(["none"] * k), "kept": pa.array([True] * k),
-                "score_clip_dir": pa.array(rng.random(k)), **imgs}
-        arrays = [cols[f.name] if f.name in cols else pa.nulls(k, f.type) for f in schema]
-        pq.write_table(pa.Table.from_arrays(arrays, schema=schema), root / "shards" / f"{s:06d}.parquet",
-                       row_group_size=ROW_GROUP, compression="zstd")
+    for p in (root / "shards").glob("*.parquet"):
+        t = pq.read_table(p, columns=["reference_image", "target_image"])
+        total += sum(len(x["bytes"]) for c in t.columns for x in c.to_pylist())
     return total / (2 * n)
 
 
@@ -128,7 +98,7 @@ def main(argv=None) -> dict:
         "imports_only": measure({}),
         "subsample": measure({"path": path, "max_triplets": args.subsample}),
         "subsample_where": measure({"path": path, "max_triplets": args.subsample,
-                                    "where": ["score_clip_dir>=0.5"]}),
+                                    "where": [f"index>={args.n // 2}"]}),
         "all": measure({"path": path}),
     }
     peak = {k: v["peak_rss_mb"] for k, v in runs.items()}
