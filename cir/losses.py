@@ -18,6 +18,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def logit_scale(temperature: float | None, learnt: torch.Tensor) -> torch.Tensor | float:
+    """1/T for a fixed temperature T (TSCIR: 0.07 in stage I, 0.01 in stage II), or CLIP's learnt
+    scale `learnt` when T is None. Errors: ValueError for T <= 0."""
+    if temperature is None:
+        return learnt
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (or null for CLIP's learnt scale)")
+    return 1.0 / temperature
+
+
 def gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All-gather with gradients (identity without DDP) -> (global [B_global, ...], this rank's
     row offset)."""

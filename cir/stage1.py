@@ -31,7 +31,7 @@ from datagen.recipe import load_recipe
 from .clip import CIRClip
 from .data import DataConfig, open_source
 from .features import FeatureCache, Features
-from .losses import caption_soft_alignment, contrastive, soft_text_alignment
+from .losses import caption_soft_alignment, contrastive, logit_scale, soft_text_alignment
 from .mapping import MappingConfig
 from .model import DEFAULT_PROMPT, CIRModel
 from .train import TrainConfig, fit, init_distributed
@@ -58,13 +58,12 @@ class Stage1Loss:
     def validate(self) -> None:
         if self.soft_alignment not in ("tscir", "caption", "off"):
             raise ValueError(f"soft_alignment: {self.soft_alignment!r} is not one of tscir, caption, off")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (or null for CLIP's learnt scale)")
+        logit_scale(self.temperature, torch.ones(()))
 
 
 @dataclass
 class Stage1Eval:
-    scenes: int = 1000                # shapes: held-out scenes for `a photo of $` retrieval
+    scenes: int = 1000                # shapes: held-out scenes for `a photo of *` retrieval
     seed: int = 4242
 
 
@@ -212,8 +211,7 @@ class _Stage1Loss:
 
     def __init__(self, recipe: Stage1Recipe, model: CIRModel, data: _ViewFeatures, dev: torch.device):
         self.loss, self.model, self.data, self.dev = recipe.loss, model, data, dev
-        t = recipe.loss.temperature
-        self.scale = model.clip.logit_scale.to(dev) if t is None else 1.0 / t
+        self.scale = logit_scale(recipe.loss.temperature, model.clip.logit_scale.to(dev))
 
     def __call__(self, batch: np.ndarray):
         cfg, dev = self.loss, self.dev

@@ -34,7 +34,8 @@ from datagen.recipe import load_recipe
 
 from .adapters import ComposeConfig
 from .features import FeatureCache
-from .losses import composed_contrastive, contrastive, hard_negative_infonce, soft_text_alignment
+from .losses import (composed_contrastive, contrastive, hard_negative_infonce, logit_scale,
+                     soft_text_alignment)
 from .model import DEFAULT_PROMPT, CIRModel, load_run
 from .prompts import fill_template
 from .train import TrainConfig, fit, init_distributed
@@ -64,8 +65,7 @@ class Stage2Loss:
     map_prompt: str = DEFAULT_PROMPT
 
     def validate(self) -> None:
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (or null for CLIP's learnt scale)")
+        logit_scale(self.temperature, torch.ones(()))
 
 
 @dataclass
@@ -261,8 +261,7 @@ class _Stage2Loss:
     def __init__(self, recipe: Stage2Recipe, model: CIRModel, data: _TripletFeatures,
                  negatives: _MinedNegatives | None):
         self.recipe, self.model, self.data, self.negatives = recipe, model, data, negatives
-        t = recipe.loss.temperature
-        self.scale = model.clip.logit_scale if t is None else 1.0 / t
+        self.scale = logit_scale(recipe.loss.temperature, model.clip.logit_scale)
 
     def __call__(self, batch: np.ndarray):
         r, data = self.recipe, self.data

@@ -129,6 +129,20 @@ class _Entry:
         return v
 
 
+def _keyed_entries(path: Path, key: str):
+    """(index, entry, id) of each record of a JSON list whose integer `key` must be unique;
+    EvalError naming the entry for a missing, mistyped or repeated id."""
+    seen: dict[int, int] = {}
+    for i, raw in enumerate(_read_json(path, list)):
+        e = _entry(path, i, raw)
+        v = e.get(key, int)
+        e.label = f"{key} {v}"
+        if v in seen:
+            raise e.fail(f"{key} {v} also used by entry {seen[v]}")
+        seen[v] = i
+        yield i, e, v
+
+
 def _join(base: Path, rel: str, where: str) -> Path:
     """`base / rel` for a path read from a manifest; refused (EvalError naming `where`) when it is
     absolute or its `..` parts lead out of `base`.
@@ -263,14 +277,8 @@ def load_cirr(root: Path, split: str = "val", protocol: Protocol | None = None) 
     cap = ann / "captions" / f"cap.rc2.{split}.json"
     spl, own = _cirr_split_file(ann, images, split)
     labelled = split != "test1"
-    queries, seen = [], {}
-    for i, raw in enumerate(_read_json(cap, list)):
-        e = _entry(cap, i, raw)
-        pid = e.get("pairid", int)
-        e.label = f"pairid {pid}"
-        if pid in seen:
-            raise e.fail(f"pairid {pid} also used by entry {seen[pid]}")
-        seen[pid] = i
+    queries = []
+    for i, e, pid in _keyed_entries(cap, "pairid"):
         ref = e.get("reference", str)
         if ref not in own:
             raise e.fail(f"reference {ref!r} not in {spl.name}")
@@ -330,14 +338,8 @@ def load_circo(root: Path, split: str = "val") -> Benchmark:
             raise EvalError(f"{info.name} images[{i}] (id {im['id']}): file_name should be a string, got {name!r}")
         paths[str(im["id"])] = _join(img_dir, name, f"{info.name} images[{i}] (id {im['id']})")
     labelled = split == "val"
-    queries, seen = [], {}
-    for i, raw in enumerate(_read_json(ann, list)):
-        e = _entry(ann, i, raw)
-        qid = e.get("id", int)
-        e.label = f"id {qid}"
-        if qid in seen:
-            raise e.fail(f"id {qid} also used by entry {seen[qid]}")
-        seen[qid] = i
+    queries = []
+    for i, e, qid in _keyed_entries(ann, "id"):
 
         def image(key: str, v=None) -> str:
             v = e.get(key, int) if v is None else v
