@@ -229,7 +229,7 @@ class _Stage1Loss:
 
 @torch.no_grad()
 def evaluate_mapping(model: CIRModel, n_scenes: int = 1000, seed: int = 4242, prompt: str = DEFAULT_PROMPT) -> dict:
-    """`a photo of $` retrieval on held-out scenes: the query is one render of a scene, the
+    """`a photo of *` retrieval on held-out scenes: the query is one render of a scene, the
     gallery holds another render of every scene; a hit is a gallery image of the same scene
     (description-level). Reported next to the image->image upper reference."""
     from datagen.world.render import render
