@@ -99,13 +99,7 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
     rhash = _claim_run_folder(recipe, Path(stage1), out, resume, rank)
     # 2. Model: the stage-I run, frozen, plus a composer.
     torch.manual_seed(recipe.train.seed)
-    model: CIRModel = load_run(stage1).model
-    model.add_composer(recipe.compose)
-    model.clip.freeze()
-    model.mapping.requires_grad_(not recipe.freeze_mapping)
-    if recipe.compose.mode == "full":
-        for p in model.composer.text_params:
-            p.requires_grad_(True)
+    model, params, holder = build_stage2_model(load_run(stage1).model, recipe)
     # 3. Data: triplets and the cached features of their images (and reference captions).
     trip = load_triplets(recipe.triplets)
     if trip.skipped:
@@ -120,12 +114,6 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
     # 4. Train the composer.
     negatives = _MinedNegatives(recipe, model, data, out, resume) if recipe.hard_negatives.kind == "mined" else None
     loss_fn = _Stage2Loss(recipe, model, data, negatives)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if recipe.compose.mode == "full":
-        params = list({id(p): p for p in params + model.composer.text_params}.values())
-    holder = torch.nn.ModuleDict({"mapping": model.mapping, "composer": model.composer})
-    if recipe.compose.mode == "full":
-        holder["text"] = model.clip.clip
     last = fit(holder, params, len(trip), loss_fn, recipe.train, out, resume=resume,
                on_epoch_start=negatives.mine if negatives else None, log=log,
                train_mode=_TrainMode(model, recipe.freeze_mapping))
@@ -136,6 +124,25 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
         model.save(out, {"stage": 2, "recipe_hash": rhash, "stage1": str(stage1), "triplets": len(trip)})
         (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def build_stage2_model(model: CIRModel, recipe: Stage2Recipe):
+    """Add the recipe's composer to a stage-I model (CLIP already frozen) and choose what trains.
+
+    Returns (model, trainable parameters, the module whose state a checkpoint holds). The composer
+    is added after CLIP is frozen: LoRA's matrices live inside CLIP's attention modules."""
+    model.add_composer(recipe.compose)
+    model.mapping.requires_grad_(not recipe.freeze_mapping)
+    if recipe.compose.mode == "full":
+        for p in model.composer.text_params:
+            p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.compose.mode == "full":
+        params = list({id(p): p for p in params + model.composer.text_params}.values())
+    holder = torch.nn.ModuleDict({"mapping": model.mapping, "composer": model.composer})
+    if recipe.compose.mode == "full":
+        holder["text"] = model.clip.clip
+    return model, params, holder
 
 
 def _claim_run_folder(recipe: Stage2Recipe, stage1: Path, out: Path, resume: bool, rank: int) -> str:

@@ -171,3 +171,19 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
     path.write_text("\n".join(lines) + '\n{"step": 6, "lo')
     _cut_metrics(path, 3)
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("mode,expected", [("low-rank", {"composer.adapters"}), ("bottleneck", {"composer.adapters"}),
+                                           ("lora", {"clip.clip.transformer"}), ("full", {"clip.clip."})])
+def test_stage2_trains_the_composer_of_each_mode_and_nothing_frozen(mode, expected):
+    from cir.stage2 import Stage2Recipe, build_stage2_model
+
+    clip = CIRClip.load("shapes-clip", random_init=True)
+    model = CIRModel(clip, MappingConfig())
+    model, params, holder = build_stage2_model(model, Stage2Recipe(compose=ComposeConfig(mode=mode)))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert params and len(params) == len(names)
+    assert all(any(n.startswith(e) for e in expected) for n in names), sorted(names)[:5]
+    assert not any(n.startswith(("mapping.", "clip.clip.visual", "clip.clip.logit")) for n in names)
+    if mode == "lora":
+        assert all("parametrizations" in n for n in names)
