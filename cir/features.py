@@ -248,10 +248,29 @@ def decoded_batches(n: int, image: Callable[[int], object], preprocess: Callable
     from torch.utils.data import DataLoader
 
     workers = num_workers if _FORK else 0
-    return DataLoader(_Decoded(n, image, preprocess), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
-                      multiprocessing_context="fork" if workers else None,
-                      prefetch_factor=4 if workers else None)
+    loader = DataLoader(_Decoded(n, image, preprocess), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+                        multiprocessing_context="fork" if workers else None,
+                        prefetch_factor=4 if workers else None)
+    return loader if workers else _one_thread(loader)
+
+
+def _one_thread(loader):
+    """Batches made in this process with one torch thread (as a DataLoader worker makes them),
+    the thread count restored for whatever runs between batches (the encoder). The per-image
+    tensor ops are too small to share out: on a busy machine, a pool of threads waiting on each
+    other made decoding ~8x slower (tests/bench/bench_decode.py). Elementwise ops, same pixels."""
+    it = iter(loader)
+    while True:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            torch.set_num_threads(threads)
+        yield batch
 
 
 @dataclass
