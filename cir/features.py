@@ -22,6 +22,7 @@ the entries are keyed apart from the CPU's fp32 ones, so a CPU run never reads G
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -314,6 +315,10 @@ class FeatureCache:
         """bf16 autocast: on CUDA only (the CPU computes in fp32, bitwise reproducibly)."""
         return self.device.type == "cuda"
 
+    def _precision(self):
+        """bf16 autocast on CUDA; nothing elsewhere (autocast refuses some device types, e.g. meta)."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
     @property
     def model_key(self) -> str:
         """What features depend on: model, weights, preprocessing, loader and (on CUDA) bf16."""
@@ -402,7 +407,7 @@ class FeatureCache:
                 valid[i] = False
             if x is not None:            # else every image of the batch failed: its rows stay zero
                 x = x.to(dev, non_blocking=True)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+                with self._precision():
                     g, p = clip.image_features(x, patches=True) if patches else (clip.image_features(x), None)
                 if p is not None:
                     if p_out is None:
@@ -429,7 +434,7 @@ class FeatureCache:
         if entry.exists():
             return np.load(entry)
         clip = self.clip
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with self._precision():
             # Tokens stay on the CPU: encode_text moves them to the tower's device.
             out = [torch.nn.functional.normalize(clip.encode_text(clip.tokenize(texts[i:i + batch_size])).float(),
                                                  dim=-1).cpu()

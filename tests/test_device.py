@@ -340,3 +340,23 @@ def test_features_are_keyed_apart_on_cuda_and_unchanged_on_the_cpu(monkeypatch):
     assert cache.model_key == old and not cache.autocast
     monkeypatch.setattr(FeatureCache, "device", property(lambda self: torch.device("cuda")))
     assert cache.autocast and cache.model_key != old
+
+
+def test_feature_extraction_feeds_the_image_tower_on_its_device(tmp_path, monkeypatch):
+    """The cache's decoded CPU batches go to the tower's device (run for real on meta; zeros
+    stand in for the features, which a meta tensor does not have)."""
+    from cir.clip import CIRClip
+    from cir.features import FeatureCache
+
+    clip = CIRClip.load("shapes-clip", random_init=True)
+    clip.clip.to("meta")
+    real, seen = clip.image_features, []
+
+    def image_features(x, patches=False):
+        seen.append(x.device.type)
+        out = real(x, patches)
+        return tuple(torch.zeros(t.shape) for t in out) if patches else torch.zeros(out.shape)
+    monkeypatch.setattr(clip, "image_features", image_features)
+    f = FeatureCache(clip, tmp_path).image_features(
+        "x", 6, lambda i: Image.new("RGB", (32, 32), (40 * i, 0, 0)), list("abcdef"), patches=True, batch_size=4)
+    assert seen == ["meta", "meta"] and f.global_.shape[0] == 6 and f.patch is not None

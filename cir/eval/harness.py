@@ -199,6 +199,7 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
     `bench`: the benchmark already read by `load_benchmark(dataset, root, split, protocol)` (the
     CLI reads it before loading the model, so annotation errors come first); None reads it here."""
     options = options or EvalOptions()
+    resolve_device(options.device)         # a GPU this machine lacks: DeviceError now, not mid-ranking
     protocol = protocol or Protocol()
     try:
         protocol.validate()
