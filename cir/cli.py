@@ -8,6 +8,10 @@ from pathlib import Path
 import click
 
 
+DEVICE_HELP = ("auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps; a named GPU "
+               "this machine lacks is an error.")
+
+
 class _Fail(click.ClickException):
     def show(self, file=None) -> None:
         click.echo(f"error: {self.message}", err=True)
@@ -136,16 +140,17 @@ def pretrain_clip(out, recipe, overrides) -> None:
 @click.option("--model", "arch", default="shapes-clip", show_default=True,
               help="Architecture (a config in assets/shapes_clip/) the weights belong to.")
 @click.option("--scenes", default=1000, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True)
 def eval_clip(weights, arch, scenes, device, as_json) -> None:
     """Measure shapes-CLIP on held-out scenes with held-out phrasing (retrieval and probes)."""
     from cir.shapes_clip import evaluate, pair_similarities
+    from datagen.base.device import resolve_device
     from datagen.clip_loader import load_clip
 
     if arch != "shapes-clip" and weights is None:
         raise click.UsageError("--model other than shapes-clip needs --weights")
-    clip = load_clip(arch, pretrained=weights, device=device)
+    clip = load_clip(arch, pretrained=weights, device=resolve_device(device))
     res = {"retrieval": evaluate(clip, n_scenes=scenes), "pairs": pair_similarities(clip)}
     click.echo(json.dumps(res, indent=2 if as_json else None, sort_keys=True))
 
@@ -154,12 +159,13 @@ def eval_clip(weights, arch, scenes, device, as_json) -> None:
 @click.option("--recipe", default="stage1-shapes", show_default=True, help="A name in recipes/train/ or a YAML path.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option("--device", default=None, help=DEVICE_HELP + " Default: the recipe's clip.device (auto).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def stage1(recipe, out, resume, overrides) -> None:
+def stage1(recipe, out, resume, device, overrides) -> None:
     """Stage I: train the token learner (+ VSI) that maps an image to pseudo-word tokens."""
     from cir.stage1 import load_stage1_recipe, run_stage1
 
-    r = load_stage1_recipe(recipe, list(overrides))
+    r = load_stage1_recipe(recipe, list(overrides) + ([f"clip.device={device}"] if device else []))
     res = run_stage1(r, out, resume=resume, log=lambda s: click.echo(s, err=True))
     click.echo(json.dumps(res.get("eval", res.get("train")), sort_keys=True))
 
@@ -209,8 +215,9 @@ def browse(datasets, out, no_rejects, thumb_size, title, as_json) -> None:
               help="How deeply image files are checked before evaluating.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write an HTML report of every query's top-10 (hits marked) here.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def eval_cmd(model_spec, dataset, root, split, submission, out_dir, as_json, allow_missing, overrides,
-             clip_name, weights, check, report_dir) -> None:
+             clip_name, weights, check, report_dir, device) -> None:
     """Evaluate a model on FashionIQ, CIRR, CIRCO or a shapes benchmark (protocol printed with the numbers)."""
     from datagen.config import ConfigError
     from cir.eval import EvalError
@@ -226,10 +233,12 @@ def eval_cmd(model_spec, dataset, root, split, submission, out_dir, as_json, all
         from cir.eval.baselines import resolve_model
         from cir.eval.harness import EvalOptions, evaluate, write_results
 
-        model = resolve_model(model_spec, clip_name, weights, protocol.preprocess, protocol.target_ratio)
+        model = resolve_model(model_spec, clip_name, weights, protocol.preprocess, protocol.target_ratio,
+                              device=device)
         result = evaluate(model, dataset, root, split, protocol,
                           EvalOptions(allow_missing=allow_missing, check=check, submission=submission,
-                                      keep_rankings=report_dir is not None), log=log, bench=bench)
+                                      keep_rankings=report_dir is not None, device=device),
+                          log=log, bench=bench)
         files = write_results(result, out_dir) if out_dir else []
         if report_dir is not None:
             from cir.eval.report import write_eval_report
@@ -277,12 +286,13 @@ def benchmark_shapes(fmt, out, queries, seed, resolution, splits, overwrite) -> 
 @click.option("--max-triplets", type=int, default=None, help="Deterministic subsample of N triplets.")
 @click.option("--where", multiple=True, metavar="COND", help="Filter on stored columns, e.g. 'score_clip_dir>=0.2'.")
 @click.option("--resume", is_flag=True)
+@click.option("--device", default=None, help=DEVICE_HELP + " Default: the recipe's device (auto).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def stage2(recipe, triplets, stage1_run, out, max_triplets, where, resume, overrides) -> None:
+def stage2(recipe, triplets, stage1_run, out, max_triplets, where, resume, device, overrides) -> None:
     """Stage II: train composing adapters on self-made triplets with hard negatives."""
     from cir.stage2 import load_stage2_recipe, run_stage2
 
-    sets = list(overrides) + [f"triplets.path={triplets}"]
+    sets = list(overrides) + [f"triplets.path={triplets}"] + ([f"device={device}"] if device else [])
     if max_triplets is not None:
         sets.append(f"triplets.max_triplets={max_triplets}")
     r = load_stage2_recipe(recipe, sets)
@@ -297,11 +307,13 @@ def stage2(recipe, triplets, stage1_run, out, max_triplets, where, resume, overr
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Study folder.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Dotted override, e.g. --set quantities=[250,1000] --set stage2.overrides=[train.epochs=5].")
-def study(recipe, out, overrides) -> None:
+@click.option("--device", default=None, help=DEVICE_HELP + " For stage I, stage II and the evaluations; "
+              "default: the study recipe's device (auto).")
+def study(recipe, out, overrides, device) -> None:
     """Data-efficiency study: stage II gain vs triplet count x quality tier x seed (resumable)."""
     from cir.study import Study, load_study_recipe
 
-    r = load_study_recipe(recipe, list(overrides))
+    r = load_study_recipe(recipe, list(overrides) + ([f"device={device}"] if device else []))
     res = Study(r, out, log=lambda s: click.echo(s, err=True)).run()
     click.echo(json.dumps(res, indent=2))
 
@@ -315,12 +327,13 @@ def study(recipe, out, overrides) -> None:
 @click.option("--top-k", default=10, show_default=True)
 @click.option("--prompt", default="a photo of * that {}", show_default=True,
               help="Query template: `*` is where the reference image's pseudo-word goes, `{}` the text.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True)
-def search(model_run, gallery, image, text, top_k, prompt, as_json) -> None:
+def search(model_run, gallery, image, text, top_k, prompt, device, as_json) -> None:
     """Composed retrieval: find gallery images matching (reference image, modification text)."""
     from cir.search import GalleryIndex
 
-    index = GalleryIndex.build(model_run, gallery)
+    index = GalleryIndex.build(model_run, gallery, device=device)
     hits = index.query(image, text, top_k=top_k, prompt=prompt)
     if as_json:
         click.echo(json.dumps([{"path": str(p), "score": s} for p, s in hits], indent=2))

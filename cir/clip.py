@@ -173,12 +173,14 @@ class CIRClip(nn.Module):
                     normalize: bool = False, truncate: bool = True) -> torch.Tensor:
         """open_clip's text forward with pseudo-token injection and per-block hooks -> [B, D].
 
-        tokens: [B, L] ids (`tokenize` or `tokenize_queries`).
+        tokens: [B, L] ids (`tokenize` or `tokenize_queries`), on any device: they are moved to the
+               text tower's (pass them on the CPU, as tokenized, to spare a GPU sync).
         pseudo: [B, n, W] (or [B, W]) pseudo-word embeddings, written at positions
                placeholder_index .. placeholder_index + n - 1 of each row (both or neither).
         hooks: callables `hook(block_index, x, ctx) -> x` run after every block (VSI, adapters);
                x is [B, L, W]; ctx holds `placeholder_mask` [B, L] bool, `placeholder_index` [B]
-               and `eot_index` [B] (the EOT position, where the sentence feature is pooled).
+               and `eot_index` [B] (the EOT position, where the sentence feature is pooled), all on
+               the tower's device, and `n_pseudo` (pseudo tokens per row, a Python int).
         truncate: run only up to the longest prompt's EOT. Exact in arithmetic (causal mask), but
                matrix shapes change the float summation order, so features can differ from the
                full-length pass by ~1e-7 relative; `truncate=False` reproduces open_clip bitwise.
@@ -189,21 +191,28 @@ class CIRClip(nn.Module):
         if truncate and mask is not None and m.text_pool_type == "argmax":
             # Causal attention: positions after the last EOT cannot change any pooled output, so
             # run only up to the longest prompt (a 6-token prompt costs 6/77 of a full pass).
+            # Read on the tokens' device (the CPU, as tokenized): no GPU sync for this length.
             n = int(eot_index.max()) + 1
             tokens, mask = tokens[:, :n], mask[:n, :n]
+        dev = m.token_embedding.weight.device         # tokens may come from the CPU tokenizer
+        tokens, eot_index = tokens.to(dev), eot_index.to(dev)
         cast_dtype = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast_dtype)
         is_ph = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+        n_pseudo = 0
         if pseudo is not None:
             if placeholder_index is None:
                 raise ValueError("pseudo-word tokens need their placeholder_index")
             pseudo = pseudo if pseudo.dim() == 3 else pseudo[:, None, :]
             pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-            start = placeholder_index.to(tokens.device)[:, None]
-            is_ph = (pos >= start) & (pos < start + pseudo.shape[1])
+            placeholder_index = placeholder_index.to(tokens.device)
+            start = placeholder_index[:, None]
+            n_pseudo = pseudo.shape[1]
+            is_ph = (pos >= start) & (pos < start + n_pseudo)
             x = inject_pseudo_tokens(x, is_ph, pseudo.to(cast_dtype))
         x = x + m.positional_embedding[:x.shape[1]].to(cast_dtype)
-        ctx = {"placeholder_mask": is_ph, "placeholder_index": placeholder_index, "eot_index": eot_index}
+        ctx = {"placeholder_mask": is_ph, "placeholder_index": placeholder_index, "eot_index": eot_index,
+               "n_pseudo": n_pseudo}
         for i, blk in enumerate(m.transformer.resblocks):
             if self.grad_checkpointing and self.training and x.requires_grad:
                 x = checkpoint(blk, x, None, None, mask, use_reentrant=False)

@@ -12,16 +12,26 @@ renamed when complete, so an interrupted computation never leaves a half entry b
 folder is removed on any exception, and the temp folders of processes that died (SIGKILL, power
 loss) are removed when a cache is opened. Images that fail to decode are an error, or with
 `on_error="skip"` are marked invalid in `valid.npy` and counted.
+
+Decoding and preprocessing run in `torch.utils.data.DataLoader` worker processes (forked, so the
+image functions need not pickle; `num_workers`, by default none for a few hundred images and
+min(4, CPUs - 1) above), so a GPU encoder is not held up by JPEG decoding; batches arrive in
+order and workers only decode, so features are the same with any number of them. On CUDA the
+image and text towers run under bf16 autocast (stored as today: global fp32, patches fp16) and
+the entries are keyed apart from the CPU's fp32 ones, so a CPU run never reads GPU features.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
 import sqlite3
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +44,10 @@ from datagen.config import stable_hash
 
 _HOST = socket.gethostname()
 _TMP = re.compile(r"\.tmp(\d+)(?:@(.+?))?(?:\.npy)?$")
+# Workers are forked: the image functions (closures over in-memory sources) need not pickle.
+# Where fork is not the safe default (macOS, Windows) decoding stays in the process.
+_FORK = sys.platform.startswith("linux")
+SMALL_SET = 512          # images below which decoding stays in the process (a worker's start costs more)
 
 
 def default_cache_root() -> Path:
@@ -176,6 +190,90 @@ def content_id(items: list, memo_root: str | Path | None = None) -> str:
     return stable_hash(digests, 24)
 
 
+def default_decode_workers(n: int) -> int:
+    """Decoding processes for `n` images: 0 below `SMALL_SET` images or off Linux, else
+    min(4, CPUs available to this process - 1) (one core stays with the encoder)."""
+    if n < SMALL_SET or not _FORK:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus - 1))
+
+
+def _portable(e: BaseException) -> BaseException:
+    """`e` if it survives pickling (a worker sends it to the main process, which raises it as the
+    in-process path would), else an exception of the same kind with the same one-line message."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return ImageError(str(e)) if isinstance(e, ValueError) else RuntimeError(f"{type(e).__name__}: {e}")
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Item i -> (preprocessed image tensor or None, the exception `image(i)` or the preprocessing
+    raised, or None). Errors travel as values so the main process applies `on_error` in order,
+    exactly as decoding in the process did."""
+
+    def __init__(self, n: int, image: Callable[[int], object], preprocess: Callable):
+        self.n, self.image, self.preprocess = n, image, preprocess
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        try:
+            return self.preprocess(self.image(i)), None
+        except BaseException as e:
+            if torch.utils.data.get_worker_info() is None:
+                if not isinstance(e, Exception):
+                    raise                     # Ctrl-C in the process: as before
+                return None, e
+            return None, _portable(e)         # a worker: the main process raises it
+
+
+def _collate(items):
+    """[(x or None, error or None)] -> (stacked [B, C, H, W] with zeros where an image failed, or
+    None when every image of the batch failed; errors in batch order)."""
+    xs, errs = zip(*items)
+    ref = next((x for x in xs if x is not None), None)
+    if ref is None:
+        return None, list(errs)
+    return torch.stack([torch.zeros_like(ref) if x is None else x for x in xs]), list(errs)
+
+
+def decoded_batches(n: int, image: Callable[[int], object], preprocess: Callable, batch_size: int,
+                    num_workers: int = 0, pin_memory: bool = False):
+    """Batches of preprocessed images 0..n-1 in order: an iterator of (x [B, C, H, W] or None,
+    [error or None] * B); see `_Decoded` and `_collate`. `num_workers` > 0 decodes in that many
+    forked processes (0 off Linux)."""
+    from torch.utils.data import DataLoader
+
+    workers = num_workers if _FORK else 0
+    loader = DataLoader(_Decoded(n, image, preprocess), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+                        multiprocessing_context="fork" if workers else None,
+                        prefetch_factor=4 if workers else None)
+    return loader if workers else _one_thread(loader)
+
+
+def _one_thread(loader):
+    """Batches made in this process with one torch thread (as a DataLoader worker makes them),
+    the thread count restored for whatever runs between batches (the encoder). The per-image
+    tensor ops are too small to share out: on a busy machine, a pool of threads waiting on each
+    other made decoding ~8x slower (tests/bench/bench_decode.py). Elementwise ops, same pixels."""
+    it = iter(loader)
+    while True:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            torch.set_num_threads(threads)
+        yield batch
+
+
 @dataclass
 class Features:
     global_: np.ndarray               # [N, D] float32, L2-normalised
@@ -190,11 +288,15 @@ class Features:
 
 
 class FeatureCache:
-    def __init__(self, clip, root: str | Path | None = None):
+    """Cached frozen features of `clip` (a `CIRClip`) under `root` (default `default_cache_root()`).
+
+    `num_workers`: decoding processes for image features (None = `default_decode_workers(n)`).
+    The encoder runs where `clip` lives, under bf16 autocast on CUDA."""
+
+    def __init__(self, clip, root: str | Path | None = None, num_workers: int | None = None):
         self.clip = clip
         self.root = Path(root) if root else default_cache_root()
-        self.model_key = stable_hash({"model": clip.name, "weights": clip.weights_id,
-                                      "preprocess": repr(clip.preprocess), "loader": LOADER_VERSION})
+        self.num_workers = num_workers
         self.computed = 0   # images encoded by this instance (for tests and benchmarks)
         # A killed run's temp entries (and caption-feature temp files inside entries) go now.
         folder = self.root / self.model_key
@@ -203,6 +305,28 @@ class FeatureCache:
             for sub in folder.iterdir():
                 if sub.is_dir() and not _TMP.search(sub.name):
                     self.removed_temps += remove_dead_temps(sub)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.clip.parameters()).device
+
+    @property
+    def autocast(self) -> bool:
+        """bf16 autocast: on CUDA only (the CPU computes in fp32, bitwise reproducibly)."""
+        return self.device.type == "cuda"
+
+    def _precision(self):
+        """bf16 autocast on CUDA; nothing elsewhere (autocast refuses some device types, e.g. meta)."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+    @property
+    def model_key(self) -> str:
+        """What features depend on: model, weights, preprocessing, loader and (on CUDA) bf16."""
+        key = {"model": self.clip.name, "weights": self.clip.weights_id,
+               "preprocess": repr(self.clip.preprocess), "loader": LOADER_VERSION}
+        if self.autocast:
+            key["precision"] = "bf16-autocast"      # CPU keys stay as they were
+        return stable_hash(key)
 
     def files_features(self, paths: list[Path], image: Callable[[int], object], patches: bool = False,
                        **kw) -> Features:
@@ -217,7 +341,12 @@ class FeatureCache:
     @torch.no_grad()
     def image_features(self, dataset_id: str, n: int, image: Callable[[int], object], ids: list[str],
                        patches: bool = False, batch_size: int = 128, on_error: str = "raise",
-                       progress: bool = False) -> Features:
+                       progress: bool = False, num_workers: int | None = None) -> Features:
+        """Features of images `image(0..n-1)` (PIL images), cached under `dataset_id`.
+
+        A decode error (`ValueError`, e.g. `ImageError`/`DataError`) is raised as is, or with
+        `on_error="skip"` the row is marked invalid (`Features.valid`). `num_workers` overrides the
+        cache's decoding processes; results do not depend on it."""
         entry = self.entry(dataset_id)
         if (entry / "meta.json").exists():
             meta = json.loads((entry / "meta.json").read_text())
@@ -227,7 +356,8 @@ class FeatureCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            self._compute(tmp, n, image, ids, patches, batch_size, on_error, progress)
+            workers = next(w for w in (num_workers, self.num_workers, default_decode_workers(n)) if w is not None)
+            self._compute(tmp, n, image, ids, patches, batch_size, on_error, progress, workers)
             shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
         except BaseException:
@@ -236,41 +366,21 @@ class FeatureCache:
         return self._open(entry, ids, patches)
 
     def _compute(self, tmp: Path, n: int, image: Callable[[int], object], ids: list[str], patches: bool,
-                 batch_size: int, on_error: str, progress: bool) -> None:
-        clip = self.clip
-        dev = next(clip.clip.parameters()).device
-        g_out = np.lib.format.open_memmap(tmp / "global.npy", "w+", np.float32, (n, clip.embed_dim))
-        p_out = None
-        valid = np.ones(n, dtype=bool)
+                 batch_size: int, on_error: str, progress: bool, num_workers: int) -> None:
         from tqdm import tqdm
 
+        g_out = np.lib.format.open_memmap(tmp / "global.npy", "w+", np.float32, (n, self.clip.embed_dim))
+        valid = np.ones(n, dtype=bool)
         bar = tqdm(total=n, desc="image features", unit="img", disable=not progress)
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
-            xs = []
-            for i in idx:
-                try:
-                    xs.append(clip.preprocess(image(i)))
-                except ValueError:
-                    if on_error == "raise":
-                        raise
-                    valid[i] = False
-                    xs.append(torch.zeros_like(xs[-1]) if xs else None)
-            if any(x is None for x in xs):
-                ref = next(x for x in xs if x is not None)
-                xs = [torch.zeros_like(ref) if x is None else x for x in xs]
-            x = torch.stack(xs).to(dev)
-            if patches:
-                g, p = clip.image_features(x, patches=True)
-                if p_out is None:
-                    p_out = np.lib.format.open_memmap(tmp / "patch.npy", "w+", np.float16, (n,) + tuple(p.shape[1:]))
-                p_out[idx[0]:idx[-1] + 1] = p.float().cpu().numpy().astype(np.float16)
-            else:
-                g = clip.image_features(x)
-            g_out[idx[0]:idx[-1] + 1] = torch.nn.functional.normalize(g.float(), dim=-1).cpu().numpy()
-            self.computed += len(idx)
-            bar.update(len(idx))
-        bar.close()
+        batches = iter(decoded_batches(n, image, self.clip.preprocess, batch_size, num_workers,
+                                       pin_memory=self.device.type == "cuda"))
+        try:
+            p_out = self._encode(batches, tmp, n, batch_size, patches, on_error, valid, g_out, bar)
+        finally:
+            # Stop the workers now, also while an error propagates (its traceback keeps the
+            # iterator alive, so waiting for garbage collection could leave them running).
+            getattr(batches, "_shutdown_workers", lambda: None)()
+            bar.close()
         g_out.flush()
         if p_out is not None:
             p_out.flush()
@@ -280,6 +390,34 @@ class FeatureCache:
         (tmp / "meta.json").write_text(json.dumps({"n": n, "patches": patches, "model": self.clip.name,
                                                    "weights": self.clip.weights_id,
                                                    "invalid": int((~valid).sum())}))
+
+    def _encode(self, batches, tmp: Path, n: int, batch_size: int, patches: bool, on_error: str,
+                valid: np.ndarray, g_out: np.ndarray, bar):
+        """Encode decoded batches in order into `g_out` (and a patch memmap, returned); failed
+        images are raised or, with on_error="skip", marked in `valid`."""
+        clip, dev = self.clip, self.device
+        p_out = None
+        for start, (x, errors) in zip(range(0, n, batch_size), batches):
+            stop = min(n, start + batch_size)
+            for i, e in enumerate(errors, start):
+                if e is None:
+                    continue
+                if on_error == "raise" or not isinstance(e, ValueError):
+                    raise e
+                valid[i] = False
+            if x is not None:            # else every image of the batch failed: its rows stay zero
+                x = x.to(dev, non_blocking=True)
+                with self._precision():
+                    g, p = clip.image_features(x, patches=True) if patches else (clip.image_features(x), None)
+                if p is not None:
+                    if p_out is None:
+                        p_out = np.lib.format.open_memmap(tmp / "patch.npy", "w+", np.float16,
+                                                          (n,) + tuple(p.shape[1:]))
+                    p_out[start:stop] = p.float().cpu().numpy().astype(np.float16)
+                g_out[start:stop] = torch.nn.functional.normalize(g.float(), dim=-1).cpu().numpy()
+            self.computed += stop - start
+            bar.update(stop - start)
+        return p_out
 
     def _open(self, entry: Path, ids: list[str], patches: bool) -> Features:
         stored = json.loads((entry / "ids.json").read_text())
@@ -296,9 +434,11 @@ class FeatureCache:
         if entry.exists():
             return np.load(entry)
         clip = self.clip
-        dev = next(clip.clip.parameters()).device
-        out = [clip.encode_text(clip.tokenize(texts[i:i + batch_size]).to(dev), normalize=True).float().cpu()
-               for i in range(0, len(texts), batch_size)]
+        with self._precision():
+            # Tokens stay on the CPU: encode_text moves them to the tower's device.
+            out = [torch.nn.functional.normalize(clip.encode_text(clip.tokenize(texts[i:i + batch_size])).float(),
+                                                 dim=-1).cpu()
+                   for i in range(0, len(texts), batch_size)]
         arr = torch.cat(out).numpy()
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(entry.name + _tmp_suffix() + ".npy")

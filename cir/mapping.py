@@ -187,7 +187,9 @@ class VSI(nn.Module):
             rows = torch.arange(x.shape[0], device=x.device)
             h_eot = x[rows, ctx["eot_index"]]
             mask = ctx["placeholder_mask"]
-            for k in range(int(mask.sum(1).max())):          # each pseudo position (1 by default)
+            # Each pseudo position (1 by default); a Python int from the caller, not a device read.
+            n = ctx["n_pseudo"] if "n_pseudo" in ctx else int(mask.sum(1).max())
+            for k in range(n):
                 col = ctx["placeholder_index"] + k
                 add = blk(x[rows, col], h_eot, projected).to(x.dtype)
                 x = x.index_put((rows, col), x[rows, col] + add)

@@ -50,6 +50,11 @@ class CIRModel(nn.Module):
     def uses_patches(self) -> bool:
         return self.mapping.vsi is not None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the trained modules (and, as built by `load_run`/stage I, CLIP) live; queries run here."""
+        return next(self.mapping.parameters()).device
+
     def add_composer(self, cfg: ComposeConfig) -> None:
         self.composer = Composer(self.clip.clip, cfg)
 
@@ -61,20 +66,21 @@ class CIRModel(nn.Module):
         image_global: [B, D] reference embeddings (normalised); patches: [B, P, vision_width]
         reference visual tokens (needed when the model has VSI, else None); prompts: one
         `QueryPrompt` (or a template string without `{}`, e.g. `a photo of *`) per row.
+        Features may be on any device (the feature cache gives CPU tensors): they are moved to
+        the model's (`device`), and so is the result.
         Errors: `PromptError` naming `where[i]` when a placeholder falls outside the context."""
         clip = self.clip
-        dev = image_global.device
-        tokens, ph_index = clip.tokenize_queries(prompts, self.n_tokens, where)
-        pseudo = self.mapping.token_learner(image_global)
+        dev = self.device
+        tokens, ph_index = clip.tokenize_queries(prompts, self.n_tokens, where)   # CPU; encode_text moves them
+        pseudo = self.mapping.token_learner(image_global.to(dev, non_blocking=True))
         hooks = []
         if self.mapping.vsi is not None:
             if patches is None:
                 raise ValueError("this model uses VSI and needs the reference images' visual tokens")
-            hooks.append(self.mapping.vsi.hook(patches.to(dev)))
+            hooks.append(self.mapping.vsi.hook(patches.to(dev, non_blocking=True)))
         if use_composer and self.composer is not None:
             hooks.append(self.composer.hook)
-        return clip.encode_text(tokens.to(dev), pseudo=pseudo, placeholder_index=ph_index.to(dev), hooks=hooks,
-                                normalize=True)
+        return clip.encode_text(tokens, pseudo=pseudo, placeholder_index=ph_index, hooks=hooks, normalize=True)
 
     # ------------------------------------------------------------ persistence
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -123,9 +129,15 @@ class CIRModel(nn.Module):
             self.clip.clip.load_state_dict(clip_part, strict=False)
 
 
-def load_run(path: str | Path, device: str = "cpu", use_composer: bool = True) -> "RunModel":
+def load_run(path: str | Path, device: "str | torch.device" = "auto", use_composer: bool = True) -> "RunModel":
+    """Rebuild the trained model of run folder `path` on `device` (a name for
+    `datagen.base.device.resolve_device`: auto = the GPU when there is one; an explicit `cuda`
+    this machine lacks is a `DeviceError`). Errors: ConfigError for a folder that is not a run
+    of this format."""
+    from datagen.base.device import resolve_device
     from datagen.config import ConfigError, from_dict
 
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     path = Path(path)
     meta_path = path / "model.json"
     if not meta_path.exists():
@@ -181,9 +193,12 @@ class RunModel:
 
     @torch.no_grad()
     def encode_queries(self, ref_paths: list[Path], prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """[Q, D] float32 composed-query features on the CPU (beside `encode_images`'); each batch
+        of cached reference features goes to the model's device for the text pass."""
         f = self._features(ref_paths, patches=self.model.uses_patches)
         out = []
         for s in range(0, len(prompts), batch_size):
             g, p = f.tensors(slice(s, s + batch_size))
-            out.append(self.model.encode_query(g, p, prompts[s:s + batch_size], use_composer=self.use_composer))
+            q = self.model.encode_query(g, p, prompts[s:s + batch_size], use_composer=self.use_composer)
+            out.append(q.float().cpu())
         return torch.cat(out)

@@ -21,8 +21,10 @@ class GalleryIndex:
         self.model, self.paths, self.features = model, paths, features
 
     @classmethod
-    def build(cls, run: str | Path, gallery: str | Path, model: RunModel | None = None) -> "GalleryIndex":
-        """Index every image file under `gallery` (recursively, sorted); InputError when there is none."""
+    def build(cls, run: str | Path, gallery: str | Path, model: RunModel | None = None,
+              device: str = "auto") -> "GalleryIndex":
+        """Index every image file under `gallery` (recursively, sorted) with the run's model loaded on
+        `device` (auto = the GPU when there is one; see `load_run`); InputError when there is none."""
         from datagen.base.errors import InputError
 
         gallery = Path(gallery)
@@ -31,7 +33,7 @@ class GalleryIndex:
         paths = sorted(p for p in gallery.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
             raise InputNotFound(f"{gallery}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        model = model or load_run(run)
+        model = model or load_run(run, device)
         return cls(model, paths, model.encode_images(paths))
 
     @torch.no_grad()

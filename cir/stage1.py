@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from datagen.base.device import resolve_device
 from datagen.config import ConfigError, stable_hash, to_dict
 from datagen.recipe import load_recipe
 
@@ -34,7 +35,7 @@ from .features import FeatureCache, Features
 from .losses import caption_soft_alignment, contrastive, logit_scale, soft_text_alignment
 from .mapping import MappingConfig
 from .model import DEFAULT_PROMPT, CIRModel
-from .train import TrainConfig, fit, init_distributed
+from .train import TrainConfig, fit, init_distributed, rank_device
 from .views import ViewsConfig, make_view, view_seed
 
 
@@ -42,7 +43,9 @@ from .views import ViewsConfig, make_view, view_seed
 class ClipConfig:
     name: str = "shapes-clip"
     pretrained: str | None = None
-    device: str = "cpu"
+    # auto = the GPU when there is one (an explicit cuda this machine lacks is an error); a
+    # runtime knob, not part of the run's identity (it changes results only in rounding: bf16 on CUDA).
+    device: str = "auto"
     random_init: bool = False         # tests/benchmarks only: the architecture with random weights
 
 
@@ -81,6 +84,7 @@ class Stage1Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: Stage1Eval = field(default_factory=Stage1Eval)
     cache_dir: str | None = None
+    decode_workers: int | None = None  # image decoding processes for the features (null = auto; no effect on results)
 
 
 def load_stage1_recipe(name_or_path: str = "stage1-shapes", overrides: list[str] | None = None) -> Stage1Recipe:
@@ -93,23 +97,25 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
     checkpoints/, result.json). Returns the result dict. Errors: ConfigError for a `--resume`
     with another recipe, DataError for unusable data (or counted skips with on_error=skip)."""
     out = Path(out)
+    dev = resolve_device(recipe.clip.device)         # a GPU this machine lacks: an error before any write
     rank, _ = init_distributed()
+    dev = rank_device(dev)
     # 1. Identity of the run: a resumed run must be the same recipe.
     rhash = _claim_run_folder(recipe, out, resume, rank)
-    # 2. Model: frozen CLIP + the stage-I mapping.
+    # 2. Model: frozen CLIP + the stage-I mapping, on the recipe's device.
     torch.manual_seed(recipe.train.seed)
-    clip = CIRClip.load(recipe.clip.name, recipe.clip.pretrained, recipe.clip.device,
-                        random_init=recipe.clip.random_init)
-    model = CIRModel(clip, recipe.mapping, None, asdict(recipe.clip))
-    # 3. Data: cached features of the augmented views (and of the captions).
+    clip = CIRClip.load(recipe.clip.name, recipe.clip.pretrained, dev, random_init=recipe.clip.random_init)
+    # model.json records what was trained, not where: a stage-II identity does not depend on it.
+    model = CIRModel(clip, recipe.mapping, None, {k: v for k, v in asdict(recipe.clip).items() if k != "device"})
+    model.to(dev)
+    # 3. Data: cached features of the augmented views (and of the captions); batches go to `dev`.
     t0 = time.time()
     src = open_source(recipe.data)
-    data = _ViewFeatures(recipe, src, FeatureCache(clip, recipe.cache_dir), model.uses_patches, rank, log)
+    data = _ViewFeatures(recipe, src, FeatureCache(clip, recipe.cache_dir, recipe.decode_workers),
+                         model.uses_patches, rank, log)
     feat_seconds = time.time() - t0
     if data.skipped:
         log(f"skipped {data.skipped} unusable image-caption pairs ({recipe.data.on_error=})")
-    dev = torch.device(recipe.clip.device)
-    model.to(dev)
     clip.grad_checkpointing = recipe.train.grad_checkpointing
     # 4. Train: the loss of the module docstring over batches of images.
     loss_fn = _Stage1Loss(recipe, model, data, dev)
@@ -133,6 +139,8 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
 def _claim_run_folder(recipe: Stage1Recipe, out: Path, resume: bool, rank: int) -> str:
     ident = to_dict(recipe)
     ident["train"].pop("stop_after")  # an interruption knob, not part of what is trained
+    ident["clip"].pop("device")       # where it runs (a resume may move to a GPU)
+    ident.pop("decode_workers")
     rhash = stable_hash(ident)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +244,7 @@ def evaluate_mapping(model: CIRModel, n_scenes: int = 1000, seed: int = 4242, pr
     from datagen.world.scene import sample_scene
 
     model.eval()
-    clip = model.clip
+    clip, dev = model.clip, model.device
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, 1, 4, split="heldout") for _ in range(n_scenes)]
     q_imgs = [render(s, int(rng.integers(2**31))) for s in scenes]
@@ -245,7 +253,7 @@ def evaluate_mapping(model: CIRModel, n_scenes: int = 1000, seed: int = 4242, pr
     def enc(imgs):
         gs, ps = [], []
         for i in range(0, len(imgs), 256):
-            x = torch.stack([clip.preprocess(im) for im in imgs[i:i + 256]])
+            x = torch.stack([clip.preprocess(im) for im in imgs[i:i + 256]]).to(dev)
             if model.uses_patches:
                 g, p = clip.image_features(x, patches=True)
                 ps.append(p)
@@ -264,8 +272,8 @@ def evaluate_mapping(model: CIRModel, n_scenes: int = 1000, seed: int = 4242, pr
         top = sims.topk(k, dim=1).indices
         return float(np.mean([any(keys[int(j)] == keys[i] for j in top[i]) for i in range(n_scenes)]))
 
-    sims = q @ gg.T
-    img = qg @ gg.T
+    sims = (q @ gg.T).float().cpu()       # the per-query reads below stay off the device
+    img = (qg @ gg.T).float().cpu()
     by_n = {}
     top1 = sims.argmax(1)
     for n in range(1, 5):

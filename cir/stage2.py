@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from datagen.base.device import resolve_device
 from datagen.config import ConfigError, stable_hash, to_dict
 from datagen.recipe import load_recipe
 
@@ -38,7 +39,7 @@ from .losses import (composed_contrastive, contrastive, hard_negative_infonce, l
                      soft_text_alignment)
 from .model import DEFAULT_PROMPT, CIRModel, load_run
 from .prompts import fill_template
-from .train import TrainConfig, fit, init_distributed
+from .train import TrainConfig, fit, init_distributed, rank_device
 from .triplets import TripletsConfig, load_triplets
 
 
@@ -82,6 +83,10 @@ class Stage2Recipe:
     loss: Stage2Loss = field(default_factory=Stage2Loss)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, batch_size=128, warmup_steps=100))
     cache_dir: str | None = None
+    # Runtime knobs, not part of the run's identity. device: auto = the GPU when there is one (an
+    # explicit cuda this machine lacks is an error); results differ only in rounding (bf16 on CUDA).
+    device: str = "auto"
+    decode_workers: int | None = None  # image decoding processes for the features (null = auto)
 
 
 def load_stage2_recipe(name_or_path: str = "stage2-shapes", overrides: list[str] | None = None) -> Stage2Recipe:
@@ -94,12 +99,14 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
     dict. Errors: ConfigError (not a stage-I run, a resume with another recipe, no triplets,
     soft alignment without reference captions), DataError for unusable triplets."""
     out = Path(out)
+    dev = resolve_device(recipe.device)               # a GPU this machine lacks: an error before any write
     rank, _ = init_distributed()
+    dev = rank_device(dev)
     # 1. Identity of the run: a resumed run must be the same recipe and stage-I run.
     rhash = _claim_run_folder(recipe, Path(stage1), out, resume, rank)
-    # 2. Model: the stage-I run, frozen, plus a composer.
+    # 2. Model: the stage-I run, frozen, plus a composer, on the recipe's device.
     torch.manual_seed(recipe.train.seed)
-    model, params, holder = build_stage2_model(load_run(stage1).model, recipe)
+    model, params, holder = build_stage2_model(load_run(stage1, dev).model, recipe)
     # 3. Data: triplets and the cached features of their images (and reference captions).
     trip = load_triplets(recipe.triplets)
     if trip.skipped:
@@ -148,6 +155,8 @@ def build_stage2_model(model: CIRModel, recipe: Stage2Recipe):
 def _claim_run_folder(recipe: Stage2Recipe, stage1: Path, out: Path, resume: bool, rank: int) -> str:
     ident = to_dict(recipe)
     ident["train"].pop("stop_after")
+    for knob in ("device", "decode_workers"):     # where and how fast, not what is trained
+        ident.pop(knob)
     meta = stage1 / "model.json"
     if not meta.exists():
         raise ConfigError(f"{stage1}: not a stage-I run (no model.json)")
@@ -179,12 +188,14 @@ class _TrainMode:
 
 class _TripletFeatures:
     """Frozen features: rows 0..N-1 the references, N..2N-1 the targets (global normalised,
-    references with visual tokens when the model has VSI), plus reference caption features."""
+    references with visual tokens when the model has VSI), plus reference caption features.
+    They stay on the CPU (the cache's memory maps); `references`/`targets` give a batch's rows
+    on the model's device."""
 
     def __init__(self, recipe: Stage2Recipe, model: CIRModel, trip, rank: int):
         n = len(trip)
-        self.n, self.trip = n, trip
-        self.cache = FeatureCache(model.clip, recipe.cache_dir)
+        self.n, self.trip, self.dev = n, trip, model.device
+        self.cache = FeatureCache(model.clip, recipe.cache_dir, recipe.decode_workers)
         ids = [f"{t}:ref" for t in trip.ids] + [f"{t}:tgt" for t in trip.ids]
         self.feats = self.cache.image_features(trip.dataset_id, 2 * n,
                                                lambda i: trip.image(i % n, "ref" if i < n else "tgt"), ids,
@@ -201,10 +212,21 @@ class _TripletFeatures:
             self.captions = torch.from_numpy(self.cache.text_features(trip.dataset_id, list(caps)))
 
     def references(self, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.feats.tensors(idx)
+        """Reference global [B, D] and visual tokens [B, P, W] (or None) of triplets `idx`, on the device."""
+        g, p = self.feats.tensors(idx)
+        return g.to(self.dev), None if p is None else p.to(self.dev)
 
     def targets(self, idx) -> torch.Tensor:
-        return self.G[self.n + torch.as_tensor(idx)]
+        """Target global features [B, D] of triplets `idx`, on the device."""
+        return self.G[self.n + torch.as_tensor(idx)].to(self.dev)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Global features of rows `idx` (any shape) of [references; targets], on the device."""
+        return self.G[idx.cpu()].to(self.dev)
+
+    def caption_rows(self, idx) -> torch.Tensor:
+        """Reference caption features [B, D] of triplets `idx`, on the device."""
+        return self.captions[torch.as_tensor(idx)].to(self.dev)
 
 
 class _MinedNegatives:
@@ -239,21 +261,22 @@ class _MinedNegatives:
         for s in range(0, n, 256):
             g, p = data.references(slice(s, min(n, s + 256)))
             qs.append(self.model.encode_query(g, p, data.prompts[s:s + 256], where=data.where[s:s + 256]))
-        Q, G = torch.cat(qs), data.G
+        Q, G = torch.cat(qs), data.G.to(data.dev)      # ranking on the model's device
         idx = torch.zeros(n, cfg.k + int(cfg.include_reference), dtype=torch.long)
         excluded = 0
         for s in range(0, n, 1024):
             e = min(n, s + 1024)
-            rows = torch.arange(s, e)
-            sims = Q[s:e] @ G.T
-            sims[torch.arange(e - s), n + rows] = -2                  # the target itself
+            rows = torch.arange(s, e, device=G.device)
+            at = torch.arange(e - s, device=G.device)
+            sims = Q[s:e].float() @ G.T
+            sims[at, n + rows] = -2                                   # the target itself
             near = (G[n + rows] @ G.T) >= cfg.exclude_threshold       # near-duplicates of the target
             excluded += int(near.sum()) - (e - s)
             sims[near] = -2
             if cfg.include_reference:
-                ref_ok = ~near[torch.arange(e - s), rows]
-                sims[torch.arange(e - s), rows] = torch.where(ref_ok, torch.tensor(3.0), torch.tensor(-2.0))
-            idx[s:e] = sims.topk(idx.shape[1], dim=1).indices
+                ref_ok = ~near[at, rows]
+                sims[at, rows] = torch.where(ref_ok, 3.0, -2.0)
+            idx[s:e] = sims.topk(idx.shape[1], dim=1).indices.cpu()
         self.folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save(idx, buf)
@@ -282,7 +305,7 @@ class _Stage2Loss:
         out = self.model.encode_query(two(g), two(p), prompts, where=where)      # one text pass
         q, m = out[:len(batch)], out[len(batch):]
         if hn.kind == "mined":
-            neg = data.G[self.negatives.idx[torch.as_tensor(batch)]]
+            neg = data.rows(self.negatives.idx[torch.as_tensor(batch)])
             terms = {"loss_composed": hard_negative_infonce(q, tgt, neg, self.scale)}
         else:
             k = hn.k if hn.kind == "mixed" else 0
@@ -290,6 +313,6 @@ class _Stage2Loss:
         if lw.map_weight:
             terms["loss_map"] = lw.map_weight * contrastive(m, g, self.scale)
         if lw.soft_weight:
-            caps = data.captions[torch.as_tensor(batch)]
+            caps = data.caption_rows(batch)
             terms["loss_soft"] = lw.soft_weight * soft_text_alignment(caps, m, tgt, self.scale)
         return sum(terms.values()), {k: v.detach() for k, v in terms.items()}

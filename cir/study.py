@@ -86,6 +86,9 @@ class StudyRecipe:
     benchmark: BenchSpec = field(default_factory=BenchSpec)
     primary_metric: str = "R@1"
     workers: int = 2                           # generation processes (does not change the data)
+    # Where stage I, stage II and the evaluations run (auto = the GPU when there is one); not part
+    # of any output's key, like `workers`.
+    device: str = "auto"
 
     def validate(self) -> None:
         if self.kind != "study":
@@ -101,6 +104,9 @@ class StudyRecipe:
             raise ValueError("seeds: at least one seed is needed")
         if self.primary_metric not in STUDY_METRICS:
             raise ValueError(f"primary_metric: {self.primary_metric!r} is not one of {STUDY_METRICS}")
+        from datagen.base.device import check_device_name
+
+        check_device_name(self.device)
 
 
 def load_study_recipe(name_or_path: str = "shapes", overrides: list[str] | None = None) -> StudyRecipe:
@@ -123,8 +129,9 @@ class Cell:
 def _what_is_learned(recipe) -> dict:
     """A training recipe without its prose and its feature-cache folder (they change no result)."""
     d = to_dict(recipe)
-    for k in ("name", "description", "expected_cost", "cache_dir"):
+    for k in ("name", "description", "expected_cost", "cache_dir", "device", "decode_workers"):
         d.pop(k, None)
+    d.get("clip", {}).pop("device", None)      # stage I's device
     return d
 
 
@@ -156,7 +163,9 @@ class Study:
 
     def __init__(self, recipe: StudyRecipe, out: str | Path, log: Callable[[str], None] = print):
         self.r, self.out, self.log = recipe, Path(out), log
-        self.recipe_hash = stable_hash(to_dict(recipe))
+        ident = to_dict(recipe)
+        ident.pop("device")                    # where it runs, not what it computes
+        self.recipe_hash = stable_hash(ident)
         self.work_done: list[str] = []
 
     # --- identities: each output is keyed by what makes it, so a changed recipe redoes only
@@ -177,14 +186,14 @@ class Study:
     def _stage1_recipe(self):
         from cir.stage1 import load_stage1_recipe
 
-        return load_stage1_recipe(self.r.stage1.recipe, list(self.r.stage1.overrides))
+        return load_stage1_recipe(self.r.stage1.recipe, list(self.r.stage1.overrides) + [f"clip.device={self.r.device}"])
 
     def _stage2_recipe(self, cell: Cell):
         from cir.stage2 import load_stage2_recipe
 
         sets = list(self.r.stage2.overrides) + [
             f"triplets.path={self.out / 'data' / cell.tier.name}",
-            f"triplets.max_triplets={cell.quantity}", f"train.seed={cell.seed}"]
+            f"triplets.max_triplets={cell.quantity}", f"train.seed={cell.seed}", f"device={self.r.device}"]
         r = load_stage2_recipe(self.r.stage2.recipe, sets)
         r.triplets.where = list(r.triplets.where) + list(cell.tier.where)
         return r
@@ -289,8 +298,10 @@ class Study:
                                   f"expected {cell.quantity} (see the tier's filters)")
         b = self.r.benchmark
         protocol = build_protocol(list(b.protocol))
-        model = resolve_model(str(run), preprocess=protocol.preprocess, target_ratio=protocol.target_ratio)
-        result = evaluate(model, b.name, bench, b.split, protocol, EvalOptions(), log=lambda s: None)
+        model = resolve_model(str(run), preprocess=protocol.preprocess, target_ratio=protocol.target_ratio,
+                              device=self.r.device)
+        result = evaluate(model, b.name, bench, b.split, protocol, EvalOptions(device=self.r.device),
+                          log=lambda s: None)
         per_kept = (0.0 if cell.tier is None
                     else DatasetStats.from_dict(gen_stats[cell.tier.name]).budget.seconds_per_kept)
         row = {"study_key": key, "recipe_hash": self.recipe_hash, "cell": cell.name,
@@ -303,6 +314,9 @@ class Study:
         return row
 
     def run(self) -> dict:
+        from datagen.base.device import resolve_device
+
+        resolve_device(self.r.device)        # a GPU this machine lacks: an error before hours of generation
         self.out.mkdir(parents=True, exist_ok=True)
         _write_json(self.out / "study.json", {"recipe_hash": self.recipe_hash, "recipe": to_dict(self.r)})
         gen_stats = {t.name: self.generate(t) for t in self.r.tiers}

@@ -71,6 +71,16 @@ def init_distributed() -> tuple[int, int]:
     return dist_info()
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """This process's device: under torchrun, a plain `cuda` means the GPU of this rank
+    (`cuda:LOCAL_RANK`, made current), so ranks do not share GPU 0; anything else as given."""
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def _lr(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps

@@ -125,3 +125,78 @@ def test_prompt_problems_reports_a_cut_placeholder(clip):
     out = run.prompt_problems(prompts)
     assert list(out) == [1] and f"{clip.context_length}-token" in out[1]
     assert np.all([isinstance(v, str) for v in out.values()])
+
+
+def _colour(i: int) -> Image.Image:
+    return Image.new("RGB", (24 + i % 5, 24), ((37 * i) % 256, (91 * i) % 256, (13 * i) % 256))
+
+
+def test_decoding_workers_change_nothing_and_keep_the_error_semantics(tmp_path, clip):
+    """Decoding in 2 worker processes gives the features, invalid rows and errors of decoding in
+    the process: same order, same pixels, the same exception with the same one-line message."""
+    from datagen.base.images import ImageError
+
+    def image(i):
+        if i in (3, 7, 8, 9, 10, 11):         # 3 alone in its batch; in batch 6..11 all but 6
+            raise ImageError(f"row {i}: image cannot be decoded")
+        return _colour(i)
+
+    ids = [str(i) for i in range(20)]
+    got = {}
+    for w in (0, 2):
+        cache = FeatureCache(clip, tmp_path / f"w{w}", num_workers=w)
+        got[w] = cache.image_features("x", 20, image, ids, patches=True, batch_size=6, on_error="skip")
+        assert cache.computed == 20
+        with pytest.raises(ImageError) as e:
+            cache.image_features("y", 20, image, ids, batch_size=6)
+        assert str(e.value) == "row 3: image cannot be decoded"
+        assert not (tmp_path / f"w{w}" / cache.model_key / "y").exists()
+    a, b = got[0], got[2]
+    assert np.array_equal(a.global_, b.global_) and np.array_equal(np.asarray(a.patch), np.asarray(b.patch))
+    assert a.valid.tolist() == b.valid.tolist() == [i not in (3, 7, 8, 9, 10, 11) for i in range(20)]
+    # A failed row holds the features of a blank image (as decoding in the process gave), never
+    # another row's.
+    assert (a.global_[7:12] == a.global_[7]).all() and not np.array_equal(a.global_[7], a.global_[6])
+
+
+def test_a_batch_whose_images_all_fail_is_skipped_not_a_crash(tmp_path, clip):
+    def image(i):
+        if i < 4:
+            raise ValueError(f"row {i}: bad")
+        return _colour(i)
+
+    f = FeatureCache(clip, tmp_path).image_features("x", 8, image, list("abcdefgh"), batch_size=4, on_error="skip")
+    assert f.valid.tolist() == [False] * 4 + [True] * 4 and np.abs(f.global_[4:]).sum() > 0
+
+
+def test_interrupt_in_a_decoding_worker_leaves_no_entry_and_no_worker(tmp_path, clip):
+    import time
+
+    def image(i):
+        if i == 5:
+            raise KeyboardInterrupt
+        return _colour(i)
+
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children()}
+    cache = FeatureCache(clip, tmp_path, num_workers=2)
+    with pytest.raises(KeyboardInterrupt):
+        cache.image_features("broken", 12, image, [str(i) for i in range(12)], batch_size=2)
+    assert not any(p.name.startswith("broken") for p in (tmp_path / cache.model_key).iterdir())
+
+    def workers():
+        return [p for p in psutil.Process().children() if p.pid not in before and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+    deadline = time.time() + 10
+    while workers() and time.time() < deadline:
+        time.sleep(0.1)
+    assert workers() == []
+
+
+def test_default_decoding_workers_are_none_for_small_sets():
+    from cir.features import SMALL_SET, default_decode_workers
+
+    assert default_decode_workers(SMALL_SET - 1) == 0
+    cpus = len(os.sched_getaffinity(0))
+    assert default_decode_workers(10 * SMALL_SET) == max(0, min(4, cpus - 1))

@@ -44,6 +44,10 @@ def modification_text(prompt: "QueryPrompt | str") -> str:
     return rest.strip() or strip_placeholder(prompt)
 
 
+def _same(x):
+    return x
+
+
 def targetpad(img, target_ratio: float = 1.25):
     """SEARLE's `targetpad`: pad to a square (black, centred) when the aspect ratio exceeds
     `target_ratio`; images closer to square are left as they are."""
@@ -96,13 +100,19 @@ class ClipBaseline:
 
     @torch.no_grad()
     def encode_images(self, paths: list[Path]) -> torch.Tensor:
+        from ..features import decoded_batches, default_decode_workers
+
         keys = [self._key(Path(p)) for p in paths]
         todo = [(k, p) for k, p in dict(zip(keys, paths)).items() if k not in self._cache]
-        for s in range(0, len(todo), self.batch_size):
-            chunk = todo[s:s + self.batch_size]
-            x = torch.stack([self._load(Path(p)) for _, p in chunk]).to(self.device)
-            f = self.clip.model.encode_image(x, normalize=True).float().cpu()
-            self._cache.update(zip([k for k, _ in chunk], f))
+        # Decoding and preprocessing in worker processes for large galleries (same pixels, in order).
+        batches = decoded_batches(len(todo), lambda i: self._load(Path(todo[i][1])), _same, self.batch_size,
+                                  default_decode_workers(len(todo)))
+        for s, (x, errors) in zip(range(0, len(todo), self.batch_size), batches):
+            for e in errors:
+                if e is not None:
+                    raise e
+            f = self.clip.model.encode_image(x.to(self.device), normalize=True).float().cpu()
+            self._cache.update(zip([k for k, _ in todo[s:s + self.batch_size]], f))
         if not keys:
             return torch.empty(0, 0)
         return torch.stack([self._cache[k] for k in keys])
@@ -126,12 +136,17 @@ class ClipBaseline:
 
 
 def resolve_model(spec: str, clip_name: str = "shapes-clip", weights: str | None = None,
-                  preprocess: str = "clip", target_ratio: float = 1.25, device: str = "cpu"):
+                  preprocess: str = "clip", target_ratio: float = 1.25, device: str = "auto"):
     """A baseline by name (`image-only`, `text-only`, `sum`) or a trained run via cir.model.
 
     `weights`: a local weights file or open_clip tag; None = the default for `clip_name` (the
     shipped shapes-CLIP); "random" = random initialisation (smoke tests).
+    `device`: where the model runs (`resolve_device`: auto = the GPU when there is one; an
+    explicit cuda this machine lacks is a `DeviceError`).
     """
+    from datagen.base.device import resolve_device
+
+    device = resolve_device(device)
     if spec in BASELINES:
         from datagen.clip_loader import load_clip
 
@@ -154,6 +169,6 @@ def resolve_model(spec: str, clip_name: str = "shapes-clip", weights: str | None
         raise EvalError(f"model {spec!r}: not a baseline ({', '.join(BASELINES)}) and cir.model "
                         "(trained runs) is not available yet") from None
     try:
-        return model_mod.load_run(spec)
+        return model_mod.load_run(spec, device)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(f"model {spec!r}: {e}") from None

@@ -23,6 +23,7 @@ import torch
 
 from . import EvalError
 from . import metrics as M
+from datagen.base.device import resolve_device
 from datagen.base.errors import CirgenError
 
 from .benchmarks import (Benchmark, CheckLevel, Task, drop_bad_images, drop_queries, find_bad_images,
@@ -64,6 +65,7 @@ class EvalOptions:
     gallery_chunk: int = 32768
     submission: Path | None = None         # folder for test-server files
     keep_rankings: bool = False
+    device: str = "cpu"                    # where queries x gallery are ranked (the CLI: the model's)
 
 
 @dataclass
@@ -197,6 +199,7 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
     `bench`: the benchmark already read by `load_benchmark(dataset, root, split, protocol)` (the
     CLI reads it before loading the model, so annotation errors come first); None reads it here."""
     options = options or EvalOptions()
+    resolve_device(options.device)         # a GPU this machine lacks: DeviceError now, not mid-ranking
     protocol = protocol or Protocol()
     try:
         protocol.validate()
@@ -315,7 +318,9 @@ def _rank_task_inner(model: CIRModel, kind: str, task: Task, protocol: Protocol,
     remove = (kind == "cirr" and protocol.cirr_remove_reference) or \
              (kind == "circo" and protocol.circo_reference == "mask")
     exclude = torch.tensor([index.get(q.reference, -1) for q in task.queries]) if remove else None
-    top = M.topk_chunked(qf, gal, protocol.depth, exclude, options.query_chunk, options.gallery_chunk)
+    dev = resolve_device(options.device)
+    top = M.topk_chunked(qf.to(dev), gal.to(dev), protocol.depth, None if exclude is None else exclude.to(dev),
+                         options.query_chunk, options.gallery_chunk).cpu()
     ranked = {q.qid: [task.gallery[j] for j in row] for q, row in zip(task.queries, top.tolist())}
     subsets = {}
     if kind == "cirr":
