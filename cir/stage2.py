@@ -96,8 +96,9 @@ def load_stage2_recipe(name_or_path: str = "stage2-shapes", overrides: list[str]
 def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume: bool = False,
                log=print) -> dict:
     """Train stage II from the stage-I run `stage1` into run folder `out`. Returns the result
-    dict. Errors: ConfigError (not a stage-I run, a resume with another recipe, no triplets,
-    soft alignment without reference captions), DataError for unusable triplets."""
+    dict. Errors: ConfigError (not a stage-I run, a resume with another recipe, no triplets),
+    DataError for unusable triplets. Triplets without reference captions (TransAgg, CIRR) train
+    without the soft alignment term, which the log and result.json say."""
     out = Path(out)
     dev = resolve_device(recipe.device)               # a GPU this machine lacks: an error before any write
     rank, _ = init_distributed()
@@ -118,6 +119,11 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
     t0 = time.time()
     data = _TripletFeatures(recipe, model, trip, rank)
     feat_seconds = time.time() - t0
+    soft = "on" if data.captions is not None else "off (loss.soft_weight=0)"
+    if recipe.loss.soft_weight and data.captions is None:
+        # TransAgg's and CIRR's files carry no caption of the reference image: say so, train without it.
+        soft = f"off: {data.missing_captions} of {len(trip)} triplets have no reference caption"
+        log(f"soft text alignment term {soft} ({recipe.triplets.path}); training without it")
     # 4. Train the composer.
     negatives = _MinedNegatives(recipe, model, data, out, resume) if recipe.hard_negatives.kind == "mined" else None
     loss_fn = _Stage2Loss(recipe, model, data, negatives)
@@ -125,7 +131,8 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
                on_epoch_start=negatives.mine if negatives else None, log=log,
                train_mode=_TrainMode(model, recipe.freeze_mapping))
     result = {"train": last, "triplets": len(trip), "skipped": trip.skipped, "filtered_out": trip.filtered_out,
-              "feature_seconds": round(feat_seconds, 2), "images_encoded": data.cache.computed}
+              "feature_seconds": round(feat_seconds, 2), "images_encoded": data.cache.computed,
+              "soft_alignment": soft}
     # 5. Save.
     if not last.get("stopped") and rank == 0:
         model.save(out, {"stage": 2, "recipe_hash": rhash, "stage1": str(stage1), "triplets": len(trip)})
@@ -204,12 +211,12 @@ class _TripletFeatures:
         self.prompts = [fill_template(recipe.prompt, m) for m in trip.modification]
         self.where = list(trip.where)
         self.captions = None
-        if recipe.loss.soft_weight:
-            caps = getattr(trip, "reference_caption", None)
-            if not caps or any(c is None for c in caps):
-                raise ConfigError(f"{recipe.triplets.path}: these triplets have no reference captions for the "
-                                  "soft text alignment term; set loss.soft_weight=0")
-            self.captions = torch.from_numpy(self.cache.text_features(trip.dataset_id, list(caps)))
+        caps = trip.reference_caption
+        self.missing_captions = 0 if caps else n
+        if recipe.loss.soft_weight and caps:
+            self.missing_captions = sum(c is None for c in caps)
+            if not self.missing_captions:
+                self.captions = torch.from_numpy(self.cache.text_features(trip.dataset_id, list(caps)))
 
     def references(self, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reference global [B, D] and visual tokens [B, P, W] (or None) of triplets `idx`, on the device."""
@@ -312,7 +319,7 @@ class _Stage2Loss:
             terms = {"loss_composed": composed_contrastive(q, tgt, self.scale, k, hn.scaled)}
         if lw.map_weight:
             terms["loss_map"] = lw.map_weight * contrastive(m, g, self.scale)
-        if lw.soft_weight:
+        if lw.soft_weight and data.captions is not None:
             caps = data.caption_rows(batch)
             terms["loss_soft"] = lw.soft_weight * soft_text_alignment(caps, m, tgt, self.scale)
         return sum(terms.values()), {k: v.detach() for k, v in terms.items()}

@@ -181,12 +181,15 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     return p
 
 
-def _dataset_id(refs: list, tgts: list) -> str:
+def _dataset_id(ids: list, refs: list, tgts: list) -> str:
     """The feature-cache id of a triplet set: the content of its images in order (bytes or files),
-    so images replaced in place, or another copy with the same names, never get stale features."""
+    so images replaced in place, or another copy with the same names, never get stale features,
+    and its ids (the cache entry is labelled with them: two files over the same images differ)."""
+    from datagen.config import stable_hash
+
     from .features import content_id
 
-    return f"triplets-{content_id(list(refs) + list(tgts))}"
+    return f"triplets-{stable_hash([content_id(list(refs) + list(tgts)), list(ids)], 24)}"
 
 
 def _problem(cfg: TripletsConfig, where: str, problem: str) -> None:
@@ -308,7 +311,7 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
                 mods.append(mod.strip())
                 caps.append(rec.get("source_caption"))
                 wh.append(where)
-    return Triplets(ids, refs, tgts, mods, wh, _dataset_id(refs, tgts), skipped, total - len(kept), caps)
+    return Triplets(ids, refs, tgts, mods, wh, _dataset_id(ids, refs, tgts), skipped, total - len(kept), caps)
 
 
 # ----------------------------------------------------------------------------- TransAgg / CIRR JSON
@@ -419,7 +422,8 @@ def _load_json(cfg: TripletsConfig) -> Triplets:
         wh.append(where)
     pick = _subsample(len(ids), cfg.max_triplets, cfg.subsample_seed)
     sel = lambda xs: [xs[i] for i in pick]  # noqa: E731
-    return Triplets(sel(ids), sel(refs), sel(tgts), sel(mods), sel(wh), _dataset_id(sel(refs), sel(tgts)), skipped)
+    return Triplets(sel(ids), sel(refs), sel(tgts), sel(mods), sel(wh), _dataset_id(sel(ids), sel(refs), sel(tgts)),
+                    skipped)
 
 
 # ----------------------------------------------------------------------------- SynthTriplets18M
@@ -568,4 +572,4 @@ def _load_synthtriplets(cfg: TripletsConfig) -> Triplets:
     finally:
         for f in handles.values():
             f.close()
-    return Triplets(ids, refs, tgts, mods, wh, _dataset_id(refs, tgts), skipped, reference_caption=caps)
+    return Triplets(ids, refs, tgts, mods, wh, _dataset_id(ids, refs, tgts), skipped, reference_caption=caps)

@@ -187,3 +187,33 @@ def test_stage2_trains_the_composer_of_each_mode_and_nothing_frozen(mode, expect
     assert not any(n.startswith(("mapping.", "clip.clip.visual", "clip.clip.logit")) for n in names)
     if mode == "lora":
         assert all("parametrizations" in n for n in names)
+
+
+def test_triplets_without_reference_captions_train_without_the_soft_term(tmp_path, stage1_run):
+    """TransAgg's files (shared case 02) carry no reference caption: stage II says so and trains;
+    two files over the same images with other ids share no cache entry by mistake."""
+    import io
+
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in (1000, 1001, 2000, 2001):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i % 256, 40, 90)).save(buf, format="PNG")
+        (tmp_path / "images" / f"{i:07d}.png").write_bytes(buf.getvalue())
+    (tmp_path / "t.json").write_text(json.dumps([
+        {"ref_image_id": "1000", "relative_cap": "add a red circle", "tgt_image_id": "2000"},
+        {"ref_image_id": "1001", "relative_cap": "make it blue", "tgt_image_id": "2001"}]))
+    (tmp_path / "l.json").write_text(json.dumps({
+        "1000": {"relative_cap": "add a red circle", "tgt_image_id": "2000"},
+        "1001": {"relative_cap": "make it blue", "tgt_image_id": "2001"}}))
+    for name in ("t.json", "l.json"):
+        r = subprocess.run([sys.executable, "-m", "cir.cli", "stage2", "--triplets", str(tmp_path / name),
+                            "--stage1", str(stage1_run / "run"), "--out", str(tmp_path / f"s2-{name}"),
+                            "--set", "triplets.format=transagg", "--set", f"triplets.image_root={tmp_path / 'images'}",
+                            "--set", "train.epochs=1", "--set", f"cache_dir={stage1_run / 'cache'}"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-1500:]
+        assert "soft text alignment term off: 2 of 2 triplets have no reference caption" in r.stderr
+        res = json.loads((tmp_path / f"s2-{name}" / "result.json").read_text())
+        assert res["triplets"] == 2 and res["soft_alignment"].startswith("off")
