@@ -45,19 +45,28 @@ class Server:
                     n = server.hits[mode]
                     server.in_flight[mode] += 1
                     server.max_in_flight[mode] = max(server.max_in_flight[mode], server.in_flight[mode])
+                self.counted = mode
                 try:
                     self.respond(mode, body, n)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
+                    self.done()
+
+            def done(self):
+                # A request stops being in flight before its reply is written: the client may send
+                # its next one as soon as it reads the reply, before this handler returns.
+                if getattr(self, "counted", None):
                     with server.lock:
-                        server.in_flight[mode] -= 1
+                        server.in_flight[self.counted] -= 1
+                    self.counted = None
 
             def send(self, code, payload):
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                self.done()
                 self.end_headers()
                 self.wfile.write(data)
 
