@@ -14,6 +14,8 @@ is data: a list of indices (negative ones count from the end) or one of these na
 """
 from __future__ import annotations
 
+from datagen.base.errors import InputError
+
 TSCIR_VSI_BLOCKS_OF_12 = (3, 7, 9, 11)
 NAMED = ("all", "every-other", "tscir-vsi")
 
@@ -32,7 +34,7 @@ def check_block_spec(spec, what: str) -> None:
 def resolve_blocks(spec, n_blocks: int) -> list[int]:
     """Block indices (sorted, 0-indexed) for a spec on a tower of `n_blocks` blocks.
 
-    Errors: ValueError for an index outside [-n_blocks, n_blocks)."""
+    Errors: InputError (a ValueError) for an index outside [-n_blocks, n_blocks)."""
     if spec == "all":
         return list(range(n_blocks))
     if spec == "every-other":
@@ -42,6 +44,6 @@ def resolve_blocks(spec, n_blocks: int) -> list[int]:
     out = set()
     for i in spec:
         if not -n_blocks <= i < n_blocks:
-            raise ValueError(f"block {i} does not exist in a {n_blocks}-block text tower")
+            raise InputError(f"block {i} does not exist in a {n_blocks}-block text tower (layers: {list(spec)})")
         out.add(i % n_blocks)
     return sorted(out)

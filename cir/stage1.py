@@ -100,17 +100,18 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
     dev = resolve_device(recipe.clip.device)         # a GPU this machine lacks: an error before any write
     rank, _ = init_distributed()
     dev = rank_device(dev)
-    # 1. Identity of the run: a resumed run must be the same recipe.
-    rhash = _claim_run_folder(recipe, out, resume, rank)
-    # 2. Model: frozen CLIP + the stage-I mapping, on the recipe's device.
+    # 1. Model: frozen CLIP + the stage-I mapping, on the recipe's device (built before anything
+    #    is written: a bad block choice or weights file leaves no folder behind).
     torch.manual_seed(recipe.train.seed)
     clip = CIRClip.load(recipe.clip.name, recipe.clip.pretrained, dev, random_init=recipe.clip.random_init)
     # model.json records what was trained, not where: a stage-II identity does not depend on it.
     model = CIRModel(clip, recipe.mapping, None, {k: v for k, v in asdict(recipe.clip).items() if k != "device"})
     model.to(dev)
+    src = open_source(recipe.data)
+    # 2. Identity of the run: a resumed run must be the same recipe.
+    rhash = _claim_run_folder(recipe, out, resume, rank)
     # 3. Data: cached features of the augmented views (and of the captions); batches go to `dev`.
     t0 = time.time()
-    src = open_source(recipe.data)
     data = _ViewFeatures(recipe, src, FeatureCache(clip, recipe.cache_dir, recipe.decode_workers),
                          model.uses_patches, rank, log)
     feat_seconds = time.time() - t0

@@ -103,12 +103,11 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
     dev = resolve_device(recipe.device)               # a GPU this machine lacks: an error before any write
     rank, _ = init_distributed()
     dev = rank_device(dev)
-    # 1. Identity of the run: a resumed run must be the same recipe and stage-I run.
-    rhash = _claim_run_folder(recipe, Path(stage1), out, resume, rank)
-    # 2. Model: the stage-I run, frozen, plus a composer, on the recipe's device.
+    # 1. Model: the stage-I run, frozen, plus a composer, on the recipe's device; and the triplets
+    #    (both checked before anything is written).
+    _stage1_meta(Path(stage1))
     torch.manual_seed(recipe.train.seed)
     model, params, holder = build_stage2_model(load_run(stage1, dev).model, recipe)
-    # 3. Data: triplets and the cached features of their images (and reference captions).
     trip = load_triplets(recipe.triplets)
     if trip.skipped:
         log(f"skipped {trip.skipped} unusable triplets ({recipe.triplets.on_error=})")
@@ -116,6 +115,9 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
         log(f"{trip.filtered_out} triplets left out by the filters {recipe.triplets.where}")
     if len(trip) == 0:
         raise ConfigError("no triplets left to train on")
+    # 2. Identity of the run: a resumed run must be the same recipe and stage-I run.
+    rhash = _claim_run_folder(recipe, Path(stage1), out, resume, rank)
+    # 3. Data: the cached features of the triplets' images (and reference captions).
     t0 = time.time()
     data = _TripletFeatures(recipe, model, trip, rank)
     feat_seconds = time.time() - t0
@@ -159,15 +161,20 @@ def build_stage2_model(model: CIRModel, recipe: Stage2Recipe):
     return model, params, holder
 
 
+def _stage1_meta(stage1: Path) -> dict:
+    """The stage-I run's model.json (ConfigError when `stage1` is not a stage-I run)."""
+    meta = stage1 / "model.json"
+    if not meta.exists():
+        raise ConfigError(f"{stage1}: not a stage-I run (no model.json)")
+    return json.loads(meta.read_text())
+
+
 def _claim_run_folder(recipe: Stage2Recipe, stage1: Path, out: Path, resume: bool, rank: int) -> str:
     ident = to_dict(recipe)
     ident["train"].pop("stop_after")
     for knob in ("device", "decode_workers"):     # where and how fast, not what is trained
         ident.pop(knob)
-    meta = stage1 / "model.json"
-    if not meta.exists():
-        raise ConfigError(f"{stage1}: not a stage-I run (no model.json)")
-    ident["stage1"] = json.loads(meta.read_text())
+    ident["stage1"] = _stage1_meta(stage1)
     rhash = stable_hash(ident)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
