@@ -23,6 +23,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from .base.errors import CirgenError, os_error_line
+from .base.io import read_json
 
 SCHEMA_VERSION = 1
 FORMAT = "cirgen-triplets"
@@ -76,19 +77,7 @@ RUN_OPTIONAL_FIELDS: dict[str, type] = {"recipe_path": str, "versions": dict}
 def read_run_json(path: Path) -> dict:
     """Read and check a dataset's run.json: a JSON object of the cirgen format whose fields have
     the right types and ranges. Raises `DatasetError` naming the file and the field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise DatasetError(os_error_line(e, path)) from None
-    try:
-        run = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(run, dict):
-        raise DatasetError(f"{path}: expected a JSON object with the dataset's fields, got a JSON "
-                           f"{type(run).__name__}")
+    run = read_json(path, dict, DatasetError, " with the dataset's fields")
     if run.get("format") != FORMAT:
         raise DatasetError(f"{path}: not a cirgen triplet dataset (format {run.get('format')!r}, "
                            f"expected {FORMAT!r})")
@@ -150,15 +139,7 @@ def read_stats(root: str | Path) -> dict | None:
     path = Path(root) / "stats.json"
     if not path.exists():
         return None
-    try:
-        stats = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    except OSError as e:
-        raise DatasetError(os_error_line(e, path)) from None
-    if not isinstance(stats, dict):
-        raise DatasetError(f"{path}: expected a JSON object, found a {type(stats).__name__}")
-    return stats
+    return read_json(path, dict, DatasetError)
 
 
 def _first_line(e: BaseException) -> str:

@@ -92,7 +92,7 @@ def test_malformed_annotation_file(tmp_path):
     with pytest.raises(EvalError, match=r"cap\.rc2\.val\.json: malformed JSON at line 2"):
         load_benchmark("cirr", tmp_path)
     (tmp_path / "captions" / "cap.rc2.val.json").write_text('{"pairid": 1}')
-    with pytest.raises(EvalError, match="expected a JSON list at the top level, got dict"):
+    with pytest.raises(EvalError, match="expected a JSON list at the top level, got a JSON object"):
         load_benchmark("cirr", tmp_path)
     (tmp_path / "captions" / "cap.rc2.val.json").unlink()
     with pytest.raises(EvalError, match=r"cap\.rc2\.val\.json: file not found"):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from datagen.base.io import read_json
+
 from . import EvalError
 from .protocol import Protocol
 
@@ -81,20 +83,7 @@ def load_benchmark(dataset: str, root: str | Path, split: str = "val",
 # ----------------------------------------------------------------------------- file helpers
 
 def _read_json(path: Path, expect: type):
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise EvalError(f"{path}: file not found") from None
-    except OSError as e:
-        raise EvalError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(data, expect):
-        raise EvalError(f"{path}: expected a JSON {expect.__name__} at the top level, "
-                        f"got {type(data).__name__}")
-    return data
+    return read_json(path, expect, EvalError)
 
 
 def _entry(path: Path, i: int, data, label: str = "") -> "_Entry":

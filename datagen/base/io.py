@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from .errors import MachineError, os_error_line
+from .errors import InputError, MachineError, os_error_line
 
 HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
 
@@ -109,3 +109,28 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json(path: Path, expect: type, error: type[Exception] = InputError, what: str = ""):
+    """The JSON value in `path`, of type `expect` (dict or list), or one line naming the file:
+    `error(...)` for a missing or unreadable file, non-UTF-8 text, malformed JSON (line and column)
+    or another top-level type (`what` says what the file should hold)."""
+    import json
+
+    kind = {dict: "object", list: "list"}.get(expect, expect.__name__)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise error(os_error_line(e, path)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, expect):
+        got = {dict: "object", list: "list"}.get(type(data), type(data).__name__)
+        raise error(f"{path}: expected a JSON {kind}{what} at the top level, got a JSON {got}")
+    return data
