@@ -27,7 +27,7 @@ class DataError(CirgenError, ValueError):
 
 @dataclass
 class DataConfig:
-    source: Literal["shapes", "parquet", "csv", "webdataset", "hf-disk"] = "shapes"
+    source: Literal["shapes", "parquet", "csv", "webdataset", "hf_disk"] = "shapes"
     path: str | None = None            # file, folder or glob for the non-shapes sources
     image_root: str | None = None      # CSV: folder the image paths are relative to
     image_column: str = "image"
@@ -221,4 +221,4 @@ def open_source(cfg: DataConfig):
         return ShapesImageCaptions(cfg.n, cfg.seed, cfg.resolution)
     if not cfg.path:
         raise DataError(f"data.path is required for source {cfg.source!r}")
-    return {"parquet": _parquet, "csv": _csv, "webdataset": _webdataset, "hf-disk": _hf_disk}[cfg.source](cfg)
+    return {"parquet": _parquet, "csv": _csv, "webdataset": _webdataset, "hf_disk": _hf_disk}[cfg.source](cfg)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cir.eval import EvalError
-from cir.eval.harness import CIRModel, EvalOptions, evaluate, write_results
+from cir.eval.harness import RetrievalModel, EvalOptions, evaluate, write_results
 from cir.eval.protocol import Protocol, build_protocol
 from test_eval_fixtures import (A, B, C, CIRCO_IDS, CIRR_NAMES, D, E, F, G, H, FakeModel, circo_name,
                                 descending, fiq_ids, make_circo, make_cirr, make_fashioniq)
@@ -228,7 +228,7 @@ def test_protocol_overrides_and_description():
 def test_results_files_and_model_interface(tmp_path):
     root = make_cirr(tmp_path / "b")
     model = FakeModel(CIRR_NAMES, _cirr_scores)
-    assert isinstance(model, CIRModel)
+    assert isinstance(model, RetrievalModel)
     res = evaluate(model, "cirr", root)
     files = write_results(res, tmp_path / "out")
     data = json.loads(files[0].read_text())

@@ -1,6 +1,6 @@
 """Run a model through a benchmark: load, check images, encode, rank, score, write server files.
 
-The harness consumes any object with the `CIRModel` interface (the CLIP baselines in
+The harness consumes any object with the `RetrievalModel` interface (the CLIP baselines in
 `baselines`, the trained models of `cir.model`). It builds the query texts from the protocol,
 ranks by cosine similarity with a chunked running top-k, and returns an `EvalResult` whose
 `table()` prints the protocol next to the numbers. It refuses to score an incomplete benchmark
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 
 @typing.runtime_checkable
-class CIRModel(typing.Protocol):
+class RetrievalModel(typing.Protocol):
     """What the harness needs from a model. Features are L2-normalised rows."""
     name: str
     cache_key: str          # identifies weights + preprocessing; recorded as the backbone
@@ -170,7 +170,7 @@ def _check_features(x: torch.Tensor, n: int, what: str, model: str) -> torch.Ten
 
 
 @torch.no_grad()
-def encode_queries(model: CIRModel, task: Task, prompts: list[list[str]], batch: int) -> torch.Tensor:
+def encode_queries(model: RetrievalModel, task: Task, prompts: list[list[str]], batch: int) -> torch.Tensor:
     """One feature per query: multi-prompt queries are the renormalised mean of their prompts."""
     flat_refs, flat_prompts, owner = [], [], []
     for i, (q, ps) in enumerate(zip(task.queries, prompts)):
@@ -191,7 +191,7 @@ def encode_queries(model: CIRModel, task: Task, prompts: list[list[str]], batch:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val",
+def evaluate(model: RetrievalModel, dataset: str, root: str | Path, split: str = "val",
              protocol: Protocol | None = None, options: EvalOptions | None = None,
              log: Callable[[str], None] = lambda s: None, bench: Benchmark | None = None) -> EvalResult:
     """Evaluate `model` on `dataset` at `root` under `protocol`; see EvalResult.
@@ -271,7 +271,7 @@ def evaluate(model: CIRModel, dataset: str, root: str | Path, split: str = "val"
                       notes, rankings if options.keep_rankings else {})
 
 
-def query_problems(model: CIRModel, kind: str, bench: Benchmark, protocol: Protocol) -> dict[tuple[str, str], str]:
+def query_problems(model: RetrievalModel, kind: str, bench: Benchmark, protocol: Protocol) -> dict[tuple[str, str], str]:
     """{(task name, query id): why} for every query that cannot be encoded as the protocol writes
     it: no caption text, or a prompt the model refuses (`prompt_problems`: e.g. the placeholder cut
     off by the text context length)."""
@@ -284,7 +284,7 @@ def query_problems(model: CIRModel, kind: str, bench: Benchmark, protocol: Proto
     return problems
 
 
-def _rank_task(model: CIRModel, kind: str, task: Task, protocol: Protocol, options: EvalOptions,
+def _rank_task(model: RetrievalModel, kind: str, task: Task, protocol: Protocol, options: EvalOptions,
                seconds: dict, log) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     try:
         return _rank_task_inner(model, kind, task, protocol, options, seconds, log)
@@ -300,7 +300,7 @@ def _rank_task(model: CIRModel, kind: str, task: Task, protocol: Protocol, optio
                         "drop the queries that need them)") from None
 
 
-def _rank_task_inner(model: CIRModel, kind: str, task: Task, protocol: Protocol, options: EvalOptions,
+def _rank_task_inner(model: RetrievalModel, kind: str, task: Task, protocol: Protocol, options: EvalOptions,
                      seconds: dict, log) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     t = time.perf_counter()
     log(f"{task.name}: encoding {len(task.gallery)} gallery images")
