@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,14 +37,21 @@ class LoadedClip:
     weights_id: str                 # content hash of the weights ("random" when none)
 
 
+EXTRA_CONFIGS_ENV = "CIRGEN_MODEL_CONFIGS"   # folders of extra open_clip configs (os.pathsep-separated)
+
+
 def _register_shapes_config() -> None:
-    """Register shapes-clip (and its architecture variants, assets/shapes_clip/*.json) with open_clip."""
+    """Register shapes-clip (assets/shapes_clip/shapes-clip.json) with open_clip, and the
+    architecture configs of any folder named in $CIRGEN_MODEL_CONFIGS (experiments such as the
+    shapes-CLIP sweep in tests/bench/shapes_clip_sweep/ keep their variants out of the package)."""
     import open_clip
 
     from .assets import asset_path
 
     if SHAPES_CLIP not in open_clip.list_models():
         open_clip.add_model_config(asset_path("shapes_clip"))
+    for folder in filter(None, os.environ.get(EXTRA_CONFIGS_ENV, "").split(os.pathsep)):
+        open_clip.add_model_config(folder)
 
 
 def init_token_table(vocab_size: int, width: int, seed: int):

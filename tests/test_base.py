@@ -57,3 +57,19 @@ def test_config_numbers_written_as_yaml_1_1_reads_them():
     assert from_dict(C, apply_overrides({}, ["kind=off"])).kind == "off"      # YAML 1.1: off is false
     with pytest.raises(ConfigError, match="eps: expected a number, got 'tiny'"):
         from_dict(C, {"eps": "tiny"})
+
+
+def test_extra_architecture_configs_come_from_cirgen_model_configs(tmp_path, monkeypatch):
+    """Experiments (the shapes-CLIP sweep) keep architecture variants out of the package and name
+    their folder in $CIRGEN_MODEL_CONFIGS; only shapes-clip itself ships."""
+    import shutil
+
+
+    from datagen.assets import asset_path
+    from datagen.clip_loader import load_clip
+
+    shutil.copy(asset_path("shapes_clip") / "shapes-clip.json", tmp_path / "my-shapes-variant.json")
+    monkeypatch.setenv("CIRGEN_MODEL_CONFIGS", str(tmp_path))
+    clip = load_clip("my-shapes-variant", random_init=True)
+    assert clip.name == "my-shapes-variant"
+    assert sorted(p.name for p in asset_path("shapes_clip").glob("*.json")) == ["shapes-clip.json"]

@@ -21,6 +21,16 @@ import time
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "cir.cli"]
+# The sweep's candidate recipes and architecture configs live beside this script, not in the
+# package: recipes are passed by path, configs registered through $CIRGEN_MODEL_CONFIGS.
+SWEEP = Path(__file__).resolve().parent / "shapes_clip_sweep"
+os.environ["CIRGEN_MODEL_CONFIGS"] = os.pathsep.join(filter(None, [str(SWEEP), os.environ.get("CIRGEN_MODEL_CONFIGS")]))
+
+
+def _recipe(name: str) -> str:
+    """A sweep recipe's path (`shapes-clip-neg` -> shapes_clip_sweep/shapes-clip-neg.yaml), else as given."""
+    path = SWEEP / f"{name}.yaml"
+    return str(path) if path.exists() else name
 
 
 def _export_checkpoint(run: Path) -> Path | None:
@@ -55,7 +65,7 @@ def main(argv=None) -> None:
     for spec in args.runs:
         name, rest = spec.split("=", 1)
         recipe, *sets = rest.split(":")
-        cmd = CLI + ["pretrain-clip", "--recipe", recipe, "--out", str(out / name),
+        cmd = CLI + ["pretrain-clip", "--recipe", _recipe(recipe), "--out", str(out / name),
                      "--set", f"device={args.device}", "--set", f"loader_workers={args.loader_workers}", "--set", "threads=1"]
         for s in sets:
             cmd += ["--set", s]
