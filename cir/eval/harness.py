@@ -11,20 +11,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 import typing
-from typing import TYPE_CHECKING
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from . import EvalError
-from . import metrics as M
 from datagen.base.device import resolve_device
 from datagen.base.errors import CirgenError
+from datagen.base.io import write_atomic
+
+from . import EvalError
+from . import metrics as M
 
 from .benchmarks import (Benchmark, CheckLevel, Task, drop_bad_images, drop_queries, find_bad_images,
                          integrity_error, load_benchmark, query_text_problems)
@@ -380,8 +380,6 @@ def write_results(result: EvalResult, out_dir: str | Path) -> list[Path]:
     written = []
     for name, text in (("results.json", json.dumps(result.to_dict(), indent=2)), ("results.csv", buf.getvalue())):
         path = out_dir / name
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
         written.append(path)
     return written

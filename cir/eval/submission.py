@@ -11,9 +11,10 @@ name). CIRCO: one dict `{"<id>": [50 unique int image ids]}` over exactly the sp
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from datagen.base.io import write_atomic
 
 from . import EvalError
 from .benchmarks import Task
@@ -33,9 +34,7 @@ def _dumps(payload: dict) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _missing_extra(got: set[str], want: Sequence[str], what: str, where: str) -> None:
