@@ -89,7 +89,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
 def triplets(n, out, recipe, quality, seed, workers, shard, ray_address, overrides, as_json, quiet) -> None:
     """Generate (or resume, or extend) a dataset of N synthetic triplets."""
     from datagen.pipeline import generate, summary_lines
-    from datagen.recipe import load_gen_recipe, resolve_recipe_path
+    from datagen.base.recipes import resolve_recipe_path
+    from datagen.recipe import load_gen_recipe
     if quality is not None:
         if recipe != "shapes-high":
             raise _Fail("give either --recipe or --quality, not both")
@@ -146,7 +147,7 @@ def eval_clip(weights, arch, scenes, device, as_json) -> None:
     """Measure shapes-CLIP on held-out scenes with held-out phrasing (retrieval and probes)."""
     from cir.shapes_clip import evaluate, pair_similarities
     from datagen.base.device import resolve_device
-    from datagen.clip_loader import load_clip
+    from datagen.base.clip_loader import load_clip
 
     if arch != "shapes-clip" and weights is None:
         raise click.UsageError("--model other than shapes-clip needs --weights")
@@ -219,7 +220,7 @@ def browse(datasets, out, no_rejects, thumb_size, title, as_json) -> None:
 def eval_cmd(model_spec, dataset, root, split, submission, out_dir, as_json, allow_missing, overrides,
              clip_name, weights, check, report_dir, device) -> None:
     """Evaluate a model on FashionIQ, CIRR, CIRCO or a shapes benchmark (protocol printed with the numbers)."""
-    from datagen.config import ConfigError
+    from datagen.base.config import ConfigError
     from cir.eval import EvalError
     from cir.eval.benchmarks import load_benchmark
     from cir.eval.protocol import build_protocol
@@ -284,11 +285,12 @@ def benchmark_shapes(fmt, out, queries, seed, resolution, splits, overwrite) -> 
 @click.option("--stage1", "stage1_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
 @click.option("--max-triplets", type=int, default=None, help="Deterministic subsample of N triplets.")
-@click.option("--where", multiple=True, metavar="COND", help="Filter on stored columns, e.g. 'score_clip_dir>=0.2'.")
+@click.option("--condition", "conditions", multiple=True, metavar="COND",
+              help="Train only on rows that meet it (stored columns), e.g. 'score_clip_dir>=0.2'.")
 @click.option("--resume", is_flag=True)
 @click.option("--device", default=None, help=DEVICE_HELP + " Default: the recipe's device (auto).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def stage2(recipe, triplets, stage1_run, out, max_triplets, where, resume, device, overrides) -> None:
+def stage2(recipe, triplets, stage1_run, out, max_triplets, conditions, resume, device, overrides) -> None:
     """Stage II: train composing adapters on self-made triplets with hard negatives."""
     from cir.stage2 import load_stage2_recipe, run_stage2
 
@@ -296,8 +298,8 @@ def stage2(recipe, triplets, stage1_run, out, max_triplets, where, resume, devic
     if max_triplets is not None:
         sets.append(f"triplets.max_triplets={max_triplets}")
     r = load_stage2_recipe(recipe, sets)
-    if where:
-        r.triplets.where = list(r.triplets.where) + list(where)
+    if conditions:
+        r.triplets.conditions = list(r.triplets.conditions) + list(conditions)
     res = run_stage2(r, stage1_run, out, resume=resume, log=lambda s: click.echo(s, err=True))
     click.echo(json.dumps(res, sort_keys=True, default=str))
 

@@ -11,7 +11,7 @@ inserted without touching open_clip:
 - composing adapters: hooks after chosen blocks on the whole sequence (stage II).
 
 With none of them, `encode_text` is open_clip's `encode_text` to the last bit (a test checks it).
-Loading goes through `datagen.clip_loader.load_clip`, the project's one loader.
+Loading goes through `datagen.base.clip_loader.load_clip`, the project's one loader.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from datagen.clip_loader import LoadedClip, load_clip
+from datagen.base.clip_loader import LoadedClip, load_clip
 
 from .prompts import PromptError, QueryPrompt, as_query_prompts
 

@@ -3,7 +3,7 @@
 Every source exposes the same small interface: `ids` (stable string ids), `caption(i)`,
 `image(i)` (a PIL image) and `dataset_id` (what the content is, for cache keys). Sources:
 the shapes world, Parquet, CSV + image folder, WebDataset tars and a HF dataset saved on disk.
-Bad rows are an error naming file and row, or a counted skip when `on_error="skip"`.
+Bad rows are an error naming file and row, or a counted skip when `bad_rows="skip"`.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class DataConfig:
     n: int = 20000                     # shapes: number of image-caption pairs
     seed: int = 0
     resolution: int = 128
-    on_error: Literal["raise", "skip"] = "raise"
+    bad_rows: Literal["error", "skip"] = "error"
 
 
 def open_image(data: bytes | str | Path, where: str) -> Image.Image:
@@ -88,15 +88,15 @@ class _TableSource:
     """Rows of (image bytes or path, caption) held in memory as Python lists (captions) and
     lazily decoded images."""
 
-    def __init__(self, name: str, images: list, captions: list, ids: list[str], on_error: str,
+    def __init__(self, name: str, images: list, captions: list, ids: list[str], bad_rows: str,
                  where: list[str], image_root: Path | None = None):
-        self.on_error = on_error
+        self.bad_rows = bad_rows
         self.skipped = 0
         keep = []
         for k, (img, cap) in enumerate(zip(images, captions)):
             if img is None or not isinstance(cap, str) or not cap.strip():
                 problem = "empty caption" if img is not None else "no image"
-                if on_error == "raise":
+                if bad_rows == "error":
                     raise DataError(f"{where[k]}: {problem}")
                 self.skipped += 1
                 continue
@@ -163,7 +163,7 @@ def _parquet(cfg: DataConfig) -> _TableSource:
             caps.append(cap)
             ids.append(f"{f.name}:{r}")
             where.append(f"{f} row {r}")
-    return _TableSource("parquet", images, caps, ids, cfg.on_error, where)
+    return _TableSource("parquet", images, caps, ids, cfg.bad_rows, where)
 
 
 def _csv(cfg: DataConfig) -> _TableSource:
@@ -180,7 +180,7 @@ def _csv(cfg: DataConfig) -> _TableSource:
             caps.append(row.get(cfg.caption_column))
             ids.append(row.get(cfg.image_column) or f"line{line}")
             where.append(f"{path} line {line}")
-    return _TableSource("csv", images, caps, ids, cfg.on_error, where, image_root=root)
+    return _TableSource("csv", images, caps, ids, cfg.bad_rows, where, image_root=root)
 
 
 def _webdataset(cfg: DataConfig) -> _TableSource:
@@ -201,7 +201,7 @@ def _webdataset(cfg: DataConfig) -> _TableSource:
             caps.append(cap.decode("utf-8", "replace") if cap is not None else None)
             ids.append(f"{f.name}:{key}")
             where.append(f"{f} sample {key}")
-    return _TableSource("wds", images, caps, ids, cfg.on_error, where)
+    return _TableSource("wds", images, caps, ids, cfg.bad_rows, where)
 
 
 def _hf_disk(cfg: DataConfig) -> _TableSource:
@@ -212,7 +212,7 @@ def _hf_disk(cfg: DataConfig) -> _TableSource:
         if hasattr(ds.features[cfg.image_column], "decode") else ds
     images, caps = ds[cfg.image_column], ds[cfg.caption_column]
     n = len(caps)
-    return _TableSource("hf", images, caps, [f"{cfg.path}:{i}" for i in range(n)], cfg.on_error,
+    return _TableSource("hf", images, caps, [f"{cfg.path}:{i}" for i in range(n)], cfg.bad_rows,
                         [f"{cfg.path} row {i}" for i in range(n)])
 
 

@@ -11,7 +11,7 @@ memory-mapped on read). An entry is written to a temp folder `<name>.tmp<pid>@<h
 renamed when complete, so an interrupted computation never leaves a half entry behind; the temp
 folder is removed on any exception, and the temp folders of processes that died (SIGKILL, power
 loss) are removed when a cache is opened. Images that fail to decode are an error, or with
-`on_error="skip"` are marked invalid in `valid.npy` and counted.
+`bad_rows="skip"` are marked invalid in `valid.npy` and counted.
 
 Decoding and preprocessing run in `torch.utils.data.DataLoader` worker processes (forked, so the
 image functions need not pickle; `num_workers`, by default none for a few hundred images and
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from datagen.base.images import LOADER_VERSION, ImageError
-from datagen.config import stable_hash
+from datagen.base.config import stable_hash
 
 _HOST = socket.gethostname()
 _TMP = re.compile(r"\.tmp(\d+)(?:@(.+?))?(?:\.npy)?$")
@@ -211,7 +211,7 @@ def _portable(e: BaseException) -> BaseException:
 
 class _Decoded(torch.utils.data.Dataset):
     """Item i -> (preprocessed image tensor or None, the exception `image(i)` or the preprocessing
-    raised, or None). Errors travel as values so the main process applies `on_error` in order,
+    raised, or None). Errors travel as values so the main process applies `bad_rows` in order,
     exactly as decoding in the process did."""
 
     def __init__(self, n: int, image: Callable[[int], object], preprocess: Callable):
@@ -340,12 +340,12 @@ class FeatureCache:
 
     @torch.no_grad()
     def image_features(self, dataset_id: str, n: int, image: Callable[[int], object], ids: list[str],
-                       patches: bool = False, batch_size: int = 128, on_error: str = "raise",
+                       patches: bool = False, batch_size: int = 128, bad_rows: str = "error",
                        progress: bool = False, num_workers: int | None = None) -> Features:
         """Features of images `image(0..n-1)` (PIL images), cached under `dataset_id`.
 
         A decode error (`ValueError`, e.g. `ImageError`/`DataError`) is raised as is, or with
-        `on_error="skip"` the row is marked invalid (`Features.valid`). `num_workers` overrides the
+        `bad_rows="skip"` the row is marked invalid (`Features.valid`). `num_workers` overrides the
         cache's decoding processes; results do not depend on it."""
         entry = self.entry(dataset_id)
         if (entry / "meta.json").exists():
@@ -357,7 +357,7 @@ class FeatureCache:
         tmp.mkdir(parents=True)
         try:
             workers = next(w for w in (num_workers, self.num_workers, default_decode_workers(n)) if w is not None)
-            self._compute(tmp, n, image, ids, patches, batch_size, on_error, progress, workers)
+            self._compute(tmp, n, image, ids, patches, batch_size, bad_rows, progress, workers)
             shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
         except BaseException:
@@ -366,7 +366,7 @@ class FeatureCache:
         return self._open(entry, ids, patches)
 
     def _compute(self, tmp: Path, n: int, image: Callable[[int], object], ids: list[str], patches: bool,
-                 batch_size: int, on_error: str, progress: bool, num_workers: int) -> None:
+                 batch_size: int, bad_rows: str, progress: bool, num_workers: int) -> None:
         from tqdm import tqdm
 
         g_out = np.lib.format.open_memmap(tmp / "global.npy", "w+", np.float32, (n, self.clip.embed_dim))
@@ -375,7 +375,7 @@ class FeatureCache:
         batches = iter(decoded_batches(n, image, self.clip.preprocess, batch_size, num_workers,
                                        pin_memory=self.device.type == "cuda"))
         try:
-            p_out = self._encode(batches, tmp, n, batch_size, patches, on_error, valid, g_out, bar)
+            p_out = self._encode(batches, tmp, n, batch_size, patches, bad_rows, valid, g_out, bar)
         finally:
             # Stop the workers now, also while an error propagates (its traceback keeps the
             # iterator alive, so waiting for garbage collection could leave them running).
@@ -391,10 +391,10 @@ class FeatureCache:
                                                    "weights": self.clip.weights_id,
                                                    "invalid": int((~valid).sum())}))
 
-    def _encode(self, batches, tmp: Path, n: int, batch_size: int, patches: bool, on_error: str,
+    def _encode(self, batches, tmp: Path, n: int, batch_size: int, patches: bool, bad_rows: str,
                 valid: np.ndarray, g_out: np.ndarray, bar):
         """Encode decoded batches in order into `g_out` (and a patch memmap, returned); failed
-        images are raised or, with on_error="skip", marked in `valid`."""
+        images are raised or, with bad_rows="skip", marked in `valid`."""
         clip, dev = self.clip, self.device
         p_out = None
         for start, (x, errors) in zip(range(0, n, batch_size), batches):
@@ -402,7 +402,7 @@ class FeatureCache:
             for i, e in enumerate(errors, start):
                 if e is None:
                     continue
-                if on_error == "raise" or not isinstance(e, ValueError):
+                if bad_rows == "error" or not isinstance(e, ValueError):
                     raise e
                 valid[i] = False
             if x is not None:            # else every image of the batch failed: its rows stay zero

@@ -150,10 +150,10 @@ class GatedInjector(nn.Module):
         self.attn = nn.MultiheadAttention(text_width, heads, batch_first=True)
         self.gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor, visual: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, visual: torch.Tensor, is_ph: torch.Tensor) -> torch.Tensor:
         kv = self.ln_kv(visual)
         out = self.attn(self.ln_q(x), kv, kv, need_weights=False)[0]
-        return x + torch.tanh(self.gate) * out * where[..., None].to(out.dtype)
+        return x + torch.tanh(self.gate) * out * is_ph[..., None].to(out.dtype)
 
 
 class VSI(nn.Module):

@@ -135,7 +135,7 @@ def load_run(path: str | Path, device: "str | torch.device" = "auto", use_compos
     this machine lacks is a `DeviceError`). Errors: ConfigError for a folder that is not a run
     of this format."""
     from datagen.base.device import resolve_device
-    from datagen.config import ConfigError, from_dict
+    from datagen.base.config import ConfigError, from_dict
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     path = Path(path)

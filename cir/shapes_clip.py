@@ -30,7 +30,7 @@ import torch
 from datagen.base.errors import InputError
 from datagen.base.device import resolve_device
 from datagen.base.io import write_atomic_with
-from datagen.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
+from datagen.base.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
                                  init_token_table)
 from datagen.world.editor import sample_edit
 from datagen.world.phrases import load_phrases
@@ -277,7 +277,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
     cfg_path, state_path = out / "config.json", out / "state.pt"
     ident = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_KNOBS}
     if cfg_path.exists():
-        from datagen.config import from_dict
+        from datagen.base.config import from_dict
 
         # Filled with today's defaults, so a run written before an option existed still resumes.
         prev = {k: v for k, v in asdict(from_dict(PretrainConfig, json.loads(cfg_path.read_text()))).items()
@@ -453,8 +453,8 @@ def pair_similarities(clip: LoadedClip, n_pairs: int = 500, seed: int = 777) -> 
 
 
 def load_pretrain_recipe(name_or_path: str = "shapes-clip", overrides: list[str] | None = None) -> PretrainConfig:
-    from datagen.config import ConfigError, apply_overrides, from_dict, read_yaml
-    from datagen.recipe import resolve_recipe_path
+    from datagen.base.config import ConfigError, apply_overrides, from_dict, read_yaml
+    from datagen.base.recipes import resolve_recipe_path
 
     path = resolve_recipe_path(name_or_path, "train")
     data = apply_overrides(read_yaml(path), list(overrides or []))

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from datagen.base.device import resolve_device
-from datagen.config import ConfigError, stable_hash, to_dict
-from datagen.recipe import load_recipe
+from datagen.base.config import ConfigError, stable_hash, to_dict
+from datagen.base.recipes import load_recipe
 
 from .clip import CIRClip
 from .data import DataConfig, open_source
@@ -95,7 +95,7 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
                evaluate_after: bool = True) -> dict:
     """Train stage I into run folder `out` (model.json, model.safetensors, metrics.jsonl,
     checkpoints/, result.json). Returns the result dict. Errors: ConfigError for a `--resume`
-    with another recipe, DataError for unusable data (or counted skips with on_error=skip)."""
+    with another recipe, DataError for unusable data (or counted skips with bad_rows=skip)."""
     out = Path(out)
     dev = resolve_device(recipe.clip.device)         # a GPU this machine lacks: an error before any write
     rank, _ = init_distributed()
@@ -116,7 +116,7 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
                          model.uses_patches, rank, log)
     feat_seconds = time.time() - t0
     if data.skipped:
-        log(f"skipped {data.skipped} unusable image-caption pairs ({recipe.data.on_error=})")
+        log(f"skipped {data.skipped} unusable image-caption pairs ({recipe.data.bad_rows=})")
     clip.grad_checkpointing = recipe.train.grad_checkpointing
     # 4. Train: the loss of the module docstring over batches of images.
     loss_fn = _Stage1Loss(recipe, model, data, dev)
@@ -170,7 +170,7 @@ class _ViewFeatures:
                 image = ((lambda i, k=k: make_view(src.image(i), view_seed(recipe.data.seed, src.ids[i], kind, k),
                                                     scale, flip)) if v.augment else src.image)
                 out.append(cache.image_features(f"{src.dataset_id}-{kind}{k}-{spec}", len(src), image, src.ids,
-                                                patches=with_patches, on_error=recipe.data.on_error,
+                                                patches=with_patches, bad_rows=recipe.data.bad_rows,
                                                 progress=rank == 0))
             return out
 

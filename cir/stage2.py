@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from datagen.base.device import resolve_device
-from datagen.config import ConfigError, stable_hash, to_dict
-from datagen.recipe import load_recipe
+from datagen.base.config import ConfigError, stable_hash, to_dict
+from datagen.base.recipes import load_recipe
 
 from .adapters import ComposeConfig
 from .features import FeatureCache
@@ -110,9 +110,9 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
     model, params, holder = build_stage2_model(load_run(stage1, dev).model, recipe)
     trip = load_triplets(recipe.triplets)
     if trip.skipped:
-        log(f"skipped {trip.skipped} unusable triplets ({recipe.triplets.on_error=})")
+        log(f"skipped {trip.skipped} unusable triplets ({recipe.triplets.bad_rows=})")
     if trip.filtered_out:
-        log(f"{trip.filtered_out} triplets left out by the filters {recipe.triplets.where}")
+        log(f"{trip.filtered_out} triplets left out by the conditions {recipe.triplets.conditions}")
     if len(trip) == 0:
         raise ConfigError("no triplets left to train on")
     # 2. Identity of the run: a resumed run must be the same recipe and stage-I run.

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from datagen.base.io import write_atomic
-from datagen.clip_loader import weights_identity
-from datagen.config import ConfigError, stable_hash, to_dict
-from datagen.recipe import load_recipe
+from datagen.base.clip_loader import weights_identity
+from datagen.base.config import ConfigError, stable_hash, to_dict
+from datagen.base.recipes import load_recipe
 from datagen.stats import DatasetStats
 
 STUDY_METRICS = ("R@1", "R@5", "R@10", "R@50")
@@ -39,7 +39,7 @@ class Tier:
     name: str
     gen: str                                   # a recipe in recipes/gen/ or a path
     overrides: list[str] = field(default_factory=list)
-    where: list[str] = field(default_factory=list)   # stage II filters on stored scores/columns
+    conditions: list[str] = field(default_factory=list)   # stage II conditions on stored scores/columns
 
 
 @dataclass
@@ -195,7 +195,7 @@ class Study:
             f"triplets.path={self.out / 'data' / cell.tier.name}",
             f"triplets.max_triplets={cell.quantity}", f"train.seed={cell.seed}", f"device={self.r.device}"]
         r = load_stage2_recipe(self.r.stage2.recipe, sets)
-        r.triplets.where = list(r.triplets.where) + list(cell.tier.where)
+        r.triplets.conditions = list(r.triplets.conditions) + list(cell.tier.conditions)
         return r
 
     def _stage1_key(self) -> str:

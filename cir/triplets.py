@@ -4,7 +4,7 @@
 
 * `cirgen`: a datagen dataset folder (`run.json`, `shards/*.parquet`, `rejects/*.parquet`). Read in
   two passes so memory grows with the subsample, not the dataset: first only the columns the
-  `where` filters use (no column at all without filters: the row counts come from the footers),
+  `conditions` use (no column at all without filters: the row counts come from the footers),
   then `id`, `modification_text` and the image bytes of the chosen rows only, one parquet row
   group at a time.
 * `transagg`: TransAgg's Laion-CIR files as released (Code-kunkun/ZS-CIR, `data/files/`):
@@ -27,9 +27,9 @@
 
 Quantity and quality are varied without regenerating: `max_triplets` takes a deterministic
 subsample (a seeded permutation of the usable rows, so N=500 is a prefix of N=1000 with the same
-seed), and `where` filters cirgen rows by the stored scores/labels (`score_clip_dir>=0.2`,
+seed), and `conditions` select cirgen rows by the stored scores/labels (`score_clip_dir>=0.2`,
 `failure==none`, `pass_clip_dir==true`). A bad row (missing or corrupt image, empty text) is an
-error naming the file and row, or a counted skip (`on_error="skip"`). A path taken from a manifest
+error naming the file and row, or a counted skip (`bad_rows="skip"`). A path taken from a manifest
 (an id, a split-file entry) that leaves its root is always refused, naming the file and entry.
 """
 from __future__ import annotations
@@ -67,10 +67,10 @@ class TripletsConfig:
     image_root: str | None = None      # transagg: image folder; cirr: CIRR root (see module docstring)
     max_triplets: int | None = None
     subsample_seed: int = 0
-    where: list[str] = field(default_factory=list)   # e.g. ["failure==none", "score_clip_dir>=0.2"]
+    conditions: list[str] = field(default_factory=list)   # e.g. ["failure==none", "score_clip_dir>=0.2"]
     include_rejects: bool = False      # also train on candidates the generation filters rejected
     allow_incomplete: bool = False     # cirgen: train on an unfinished dataset (refused by default)
-    on_error: Literal["raise", "skip"] = "raise"
+    bad_rows: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -141,7 +141,7 @@ def load_triplets(cfg: TripletsConfig) -> Triplets:
 
     Returns a `Triplets` whose images are bytes (cirgen, synthtriplets18m shards) or file paths.
     Raises DataError/DatasetError naming the file and row/entry for unusable input
-    (`on_error="skip"` counts bad rows in `.skipped` instead; escaping paths are always refused),
+    (`bad_rows="skip"` counts bad rows in `.skipped` instead; escaping paths are always refused),
     MachineError when the machine refuses a read (permission)."""
     if not cfg.path:
         raise DataError("triplets.path (--triplets) is required")
@@ -185,7 +185,7 @@ def _dataset_id(ids: list, refs: list, tgts: list) -> str:
     """The feature-cache id of a triplet set: the content of its images in order (bytes or files),
     so images replaced in place, or another copy with the same names, never get stale features,
     and its ids (the cache entry is labelled with them: two files over the same images differ)."""
-    from datagen.config import stable_hash
+    from datagen.base.config import stable_hash
 
     from .features import content_id
 
@@ -193,7 +193,7 @@ def _dataset_id(ids: list, refs: list, tgts: list) -> str:
 
 
 def _problem(cfg: TripletsConfig, where: str, problem: str) -> None:
-    if cfg.on_error == "raise":
+    if cfg.bad_rows == "error":
         raise DataError(f"{where}: {problem}")
 
 
@@ -229,7 +229,7 @@ def _load_cirgen(cfg: TripletsConfig) -> Triplets:
     # TripletReader opens and checks the folder (run.json, format) and lists its shards; any folder
     # validation it does (missing/extra/corrupt shards) applies here too.
     reader = TripletReader(cfg.path, allow_incomplete=cfg.allow_incomplete)
-    conds = [parse_condition(c) for c in cfg.where]
+    conds = [parse_condition(c) for c in cfg.conditions]
     cond_cols = list(dict.fromkeys(c for c, _, _ in conds))
     files = [p for rejects in ([False, True] if cfg.include_rejects else [False])
              for p in reader.shard_paths(rejects)]

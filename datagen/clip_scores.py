@@ -5,7 +5,7 @@ features L2-normalised *before* any difference is taken, so directional similari
 `cos(E_img1 - E_img0, E_txt1 - E_txt0)`. A zero difference (identical images or captions) gives 0,
 as `torch.nn.functional.cosine_similarity` does, never NaN.
 
-One `ClipScorer` wraps one `LoadedClip` (datagen.clip_loader, the project's only loader). Build it
+One `ClipScorer` wraps one `LoadedClip` (datagen.base.clip_loader, the project's only loader). Build it
 once per process and reuse it: `shared_scorer(...)` caches one per (model, weights, device) and per
 process id, so a forked worker never inherits the parent's (possibly CUDA) model. torch is
 imported lazily: `import datagen.pipeline` stays torch-free.
@@ -71,7 +71,7 @@ class ClipScorer:
         _guard_forked_openmp()
         import torch
 
-        from .clip_loader import load_clip
+        from .base.clip_loader import load_clip
 
         if not random_init:
             return cls(load_clip(name, pretrained, str(resolve_device(device))), batch_size)

@@ -133,7 +133,7 @@ class ContaminationFilter:
     def _load(self) -> tuple[np.ndarray, np.ndarray | None]:
         # Lazily, at the first batch: a worker pool's initializer must not fail (it would respawn).
         if self._gallery is None:
-            from .config import ConfigError
+            from .base.config import ConfigError
 
             scorer = self._scorer_factory() if self.clip_threshold is not None else None
             try:

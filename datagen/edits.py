@@ -8,7 +8,7 @@ one registry.
 from __future__ import annotations
 
 from .candidate import Candidate
-from .config import ConfigError
+from .base.config import ConfigError
 from .recipe import GenRecipe
 from .world.editor import FAILURES, inject_failure, sample_edit
 from .world.phrases import load_phrases

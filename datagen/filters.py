@@ -126,9 +126,9 @@ class ClipFilter:
 
 def load_scorer(cfg: ClipFilterConfig) -> "ClipScorer":
     """The process's shared scorer for `filters.clip`, with a clear error when it cannot load."""
-    from .clip_loader import SHAPES_CLIP, shipped_weights
+    from .base.clip_loader import SHAPES_CLIP, shipped_weights
     from .clip_scores import shared_scorer
-    from .config import ConfigError
+    from .base.config import ConfigError
 
     if cfg.model == SHAPES_CLIP and cfg.pretrained is None and not cfg.random_init \
             and not shipped_weights().exists():

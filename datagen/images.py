@@ -18,7 +18,7 @@ class ShapesImages:
     @staticmethod
     def check(recipe: GenRecipe) -> None:
         if recipe.captions.source != "shapes" or recipe.edits.backend != "rules":
-            from .config import ConfigError
+            from .base.config import ConfigError
 
             raise ConfigError("images.backend shapes renders shapes-world scenes: it needs captions.source "
                               "shapes and edits.backend rules (use a diffusers backend for real captions)")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .base.io import write_atomic
-from .config import to_dict
+from .base.config import to_dict
 from .dedupe import cross_unit_report
 from .recipe import GenRecipe
 from .schema import iter_units
@@ -65,7 +65,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(recipe_dict: dict, seed: int, out: str) -> None:
-    from .config import from_dict
+    from .base.config import from_dict
 
     recipe = from_dict(GenRecipe, recipe_dict)
     _WORKER.update(recipe=recipe, seed=seed, out=Path(out), stages=Stages(recipe, seed))

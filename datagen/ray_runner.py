@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .base.device import DeviceError, check_device_name
-from .config import from_dict, to_dict
+from .base.config import from_dict, to_dict
 from .recipe import GenRecipe
 from .unit import PipelineError, Stages, run_unit
 

@@ -7,10 +7,10 @@ data: two runs with the same identity and seed write the same records, whatever 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from .config import ConfigError, apply_overrides, from_dict, read_yaml, stable_hash, to_dict
+from .base.config import ConfigError, read_yaml, stable_hash, to_dict
+from .base.recipes import load_recipe, resolve_recipe_path
 from .world.editor import FAILURES
 from .world.phrases import EDIT_TYPES
 
@@ -369,42 +369,6 @@ class GenRecipe:
 
     def hash(self) -> str:
         return stable_hash(self.identity())
-
-
-def recipes_root() -> Path:
-    try:
-        import cirgen_recipes
-
-        root = Path(cirgen_recipes.__file__).resolve().parent
-        if root.is_dir():
-            return root
-    except ImportError:
-        pass
-    return Path(__file__).resolve().parents[1] / "recipes"
-
-
-def resolve_recipe_path(name_or_path: str, kind: str) -> Path:
-    """A path as given, or a shipped recipe by name (`shapes-high` -> recipes/gen/shapes-high.yaml)."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise ConfigError(f"{p}: recipe file not found")
-        return p
-    shipped = recipes_root() / kind / f"{name_or_path}.yaml"
-    if shipped.exists():
-        return shipped
-    known = sorted(q.stem for q in (recipes_root() / kind).glob("*.yaml"))
-    raise ConfigError(f"no recipe named {name_or_path!r} in recipes/{kind}/ (known: {', '.join(known)})")
-
-
-def load_recipe(cls, name_or_path: str, folder: str, overrides: list[str] | None = None):
-    """Any recipe dataclass from a shipped name (recipes/<folder>/) or a path, with overrides."""
-    path = resolve_recipe_path(name_or_path, folder)
-    data = apply_overrides(read_yaml(path), list(overrides or []))
-    try:
-        return from_dict(cls, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
 
 
 def load_gen_recipe(name_or_path: str = "shapes-high", overrides: list[str] | None = None) -> GenRecipe:

@@ -227,7 +227,7 @@ def _summary(lines: list[str], root: Path, hint: str = "") -> str:
 
 def _check_recipe_hash(run: dict, run_path: Path) -> str | None:
     """A line when run.json's recipe_hash is not the hash of the recipe it holds (a hand edit)."""
-    from .config import ConfigError, from_dict
+    from .base.config import ConfigError, from_dict
     from .recipe import GenRecipe
 
     try:

@@ -117,7 +117,7 @@ def _check_identity(run: dict, path: Path, recipe: GenRecipe, seed: int) -> None
                          f"use a new --out")
     if run["seed"] != seed:
         raise StoreError(f"{out}: made with seed {run['seed']}, not {seed}; use a new --out")
-    from .config import ConfigError, from_dict
+    from .base.config import ConfigError, from_dict
 
     try:
         recorded = from_dict(GenRecipe, run["recipe"])
@@ -251,7 +251,7 @@ def open_dataset(out: Path, recipe: GenRecipe, seed: int, n: int, recipe_path: s
                 if not _leftovers_only(out):
                     raise StoreError(f"{out}: folder is not empty and holds no cirgen dataset (no "
                                      f"run.json); choose an empty or new folder")
-                from .config import to_dict
+                from .base.config import to_dict
 
                 run = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "recipe_name": recipe.name,
                        "recipe_path": recipe_path, "recipe_hash": recipe.hash(), "seed": seed, "n": n,

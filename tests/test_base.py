@@ -46,7 +46,7 @@ def test_config_numbers_written_as_yaml_1_1_reads_them():
 
     import pytest
 
-    from datagen.config import ConfigError, apply_overrides, from_dict
+    from datagen.base.config import ConfigError, apply_overrides, from_dict
 
     @dataclass
     class C:
@@ -65,8 +65,8 @@ def test_extra_architecture_configs_come_from_cirgen_model_configs(tmp_path, mon
     import shutil
 
 
-    from datagen.assets import asset_path
-    from datagen.clip_loader import load_clip
+    from datagen.base.assets import asset_path
+    from datagen.base.clip_loader import load_clip
 
     shutil.copy(asset_path("shapes_clip") / "shapes-clip.json", tmp_path / "my-shapes-variant.json")
     monkeypatch.setenv("CIRGEN_MODEL_CONFIGS", str(tmp_path))

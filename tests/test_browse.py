@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import SMALL, file_states
 from datagen.candidate import Candidate, candidate_seed
-from datagen.config import from_dict
+from datagen.base.config import from_dict
 from datagen.recipe import GenRecipe
 from datagen.report import (ReportError, RetrievalQuery, RetrievalResult, write_dataset_report,
                             write_retrieval_report)

@@ -156,7 +156,7 @@ def test_corrupt_image_and_bad_caption_rows(tmp_path):
     csv_path.write_text("image,caption\nok.png,a red square\nbroken.png,a broken file\nok.png,\n")
     with pytest.raises(DataError, match=r"pairs.csv line 4: empty caption"):
         open_source(DataConfig(source="csv", path=str(csv_path)))
-    src = open_source(DataConfig(source="csv", path=str(csv_path), on_error="skip"))
+    src = open_source(DataConfig(source="csv", path=str(csv_path), bad_rows="skip"))
     assert len(src) == 2 and src.skipped == 1
     with pytest.raises(DataError, match=r"pairs.csv line 3: image cannot be decoded"):
         src.image(1)
@@ -164,7 +164,7 @@ def test_corrupt_image_and_bad_caption_rows(tmp_path):
     cache = FeatureCache(clip, tmp_path / "cache")
     with pytest.raises(DataError, match="line 3"):
         cache.image_features(src.dataset_id, len(src), src.image, src.ids)
-    f = cache.image_features(src.dataset_id, len(src), src.image, src.ids, on_error="skip")
+    f = cache.image_features(src.dataset_id, len(src), src.image, src.ids, bad_rows="skip")
     assert f.valid.tolist() == [True, False]
     (tmp_path / "esc.csv").write_text("image,caption\n../../etc/passwd,x\n")
     src = open_source(DataConfig(source="csv", path=str(tmp_path / "esc.csv")))
@@ -175,7 +175,7 @@ def test_corrupt_image_and_bad_caption_rows(tmp_path):
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from datagen.clip_loader import load_weights_file
+    from datagen.base.clip_loader import load_weights_file
 
     clip = CIRClip.load("shapes-clip", random_init=True)
     bad = {k: v for k, v in clip.clip.state_dict().items()}

@@ -252,7 +252,7 @@ def test_search_runs_the_model_on_the_device(env, cpu_cache, monkeypatch):
 
 @pytest.mark.parametrize("device,want", [("meta", "meta"), (None, "cuda" if torch.cuda.is_available() else "cpu")])
 def test_eval_clip_loads_clip_on_the_device(monkeypatch, device, want):
-    import datagen.clip_loader
+    import datagen.base.clip_loader
 
     seen = []
 
@@ -262,7 +262,7 @@ def test_eval_clip_loads_clip_on_the_device(monkeypatch, device, want):
     def load_clip(name, pretrained=None, device="cpu", **kw):
         seen.append(device)
         raise Stop
-    monkeypatch.setattr(datagen.clip_loader, "load_clip", load_clip)
+    monkeypatch.setattr(datagen.base.clip_loader, "load_clip", load_clip)
     r = CliRunner().invoke(main, ["eval-clip", "--scenes", "4"] + (["--device", device] if device else []))
     assert isinstance(r.exception, Stop)
     assert seen == [torch.device(want)]
@@ -331,7 +331,7 @@ def test_features_are_keyed_apart_on_cuda_and_unchanged_on_the_cpu(monkeypatch):
     from cir.clip import CIRClip
     from cir.features import FeatureCache
     from datagen.base.images import LOADER_VERSION
-    from datagen.config import stable_hash
+    from datagen.base.config import stable_hash
 
     clip = CIRClip.load("shapes-clip", random_init=True)
     cache = FeatureCache(clip, "/nonexistent-cache-root")

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
 from datagen.candidate import Candidate, candidate_seed  # noqa: E402
-from datagen.config import ConfigError  # noqa: E402
+from datagen.base.config import ConfigError  # noqa: E402
 from datagen.diffusion import tiny  # noqa: E402
 from datagen.diffusion.attention import ShareState, SharedSelfAttnProcessor, shared_self_attention  # noqa: E402
 from datagen.diffusion.generate import (check_image, edit_images, generate_pairs, generators,  # noqa: E402

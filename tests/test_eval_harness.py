@@ -215,7 +215,7 @@ def test_protocol_overrides_and_description():
     line = p.describe("fashioniq")
     assert line.startswith("protocol: ") and "\n" not in line and "fiq_order=c2 and c1" in line
     assert "cirr_gallery" not in line and "cirr_gallery=split" in p.describe("shapes-cirr")
-    from datagen.config import ConfigError
+    from datagen.base.config import ConfigError
     with pytest.raises(ConfigError, match="unknown protocol key 'fiq_orde'"):
         build_protocol(["fiq_orde=c1c2"])
     with pytest.raises(ConfigError, match="not one of"):

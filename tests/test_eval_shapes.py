@@ -31,7 +31,7 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip():
-    from datagen.clip_loader import load_clip
+    from datagen.base.clip_loader import load_clip
 
     return load_clip("shapes-clip", random_init=True)
 

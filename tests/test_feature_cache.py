@@ -145,7 +145,7 @@ def test_decoding_workers_change_nothing_and_keep_the_error_semantics(tmp_path, 
     got = {}
     for w in (0, 2):
         cache = FeatureCache(clip, tmp_path / f"w{w}", num_workers=w)
-        got[w] = cache.image_features("x", 20, image, ids, patches=True, batch_size=6, on_error="skip")
+        got[w] = cache.image_features("x", 20, image, ids, patches=True, batch_size=6, bad_rows="skip")
         assert cache.computed == 20
         with pytest.raises(ImageError) as e:
             cache.image_features("y", 20, image, ids, batch_size=6)
@@ -165,7 +165,7 @@ def test_a_batch_whose_images_all_fail_is_skipped_not_a_crash(tmp_path, clip):
             raise ValueError(f"row {i}: bad")
         return _colour(i)
 
-    f = FeatureCache(clip, tmp_path).image_features("x", 8, image, list("abcdefgh"), batch_size=4, on_error="skip")
+    f = FeatureCache(clip, tmp_path).image_features("x", 8, image, list("abcdefgh"), batch_size=4, bad_rows="skip")
     assert f.valid.tolist() == [False] * 4 + [True] * 4 and np.abs(f.global_[4:]).sum() > 0
 
 

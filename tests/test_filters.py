@@ -11,7 +11,7 @@ from PIL import Image
 from datagen.calibrate import calibrate, criterion_scores, filter_report
 from datagen.candidate import Candidate
 from datagen.clip_scores import ClipScorer, shared_scorer
-from datagen.config import ConfigError
+from datagen.base.config import ConfigError
 from datagen.filters import ClipFilter, build_filters, load_scorer
 from datagen.unit import Stages
 from datagen.recipe import load_gen_recipe

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from datagen.candidate import Candidate
-from datagen.config import ConfigError
+from datagen.base.config import ConfigError
 from datagen.contamination import ContaminationFilter, gallery_files, load_gallery
 from datagen.dedupe import DedupeFilter, hamming, nearest, phash, phashes
 from datagen.world.render import RenderConfig, encode, render

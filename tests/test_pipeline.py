@@ -202,7 +202,7 @@ def test_inspect_reports_counts_and_examples(tmp_path, small_recipe):
 
 
 def test_shapes_images_refuse_real_caption_text(tmp_path, small_recipe):
-    from datagen.config import ConfigError
+    from datagen.base.config import ConfigError
 
     r = small_recipe(extra=["edits.backend=keywords"])
     with pytest.raises(ConfigError, match="needs captions.source shapes and edits.backend rules"):

@@ -1,5 +1,6 @@
 """The README's two commands, CI and the shipped recipes stay in step."""
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,64 +120,16 @@ def test_ci_makes_a_fresh_venv_and_runs_the_readme_test_command():
 
 
 def _import_graph() -> dict[str, set[str]]:
-    """Module -> the datagen/cir modules it imports, at module level or inside a function."""
-    import ast
+    sys.path.insert(0, str(ROOT / "tests" / "bench"))
+    from bench_reading_path import import_graph
 
-    files = {}
-    for pkg in ("datagen", "cir"):
-        for p in (ROOT / pkg).rglob("*.py"):
-            parts = list(p.relative_to(ROOT).with_suffix("").parts)
-            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
-    graph: dict[str, set[str]] = {}
-    for mod, path in files.items():
-        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
-        edges = graph.setdefault(mod, set())
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).strip(".") \
-                    if node.level else node.module
-                names = [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            for name in names:
-                while name and name not in files:      # `from pkg import module` or `import pkg.mod`
-                    name = name.rpartition(".")[0]
-                if name and name != mod:
-                    edges.add(name)
-    return graph
+    return import_graph(ROOT)
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index, low, stack, on, out = {}, {}, [], set(), []
+    from bench_reading_path import import_cycles
 
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
+    return import_cycles(graph)
 
 
 def test_no_import_cycles_in_datagen_or_cir_counting_imports_inside_functions():
@@ -188,3 +141,37 @@ def test_no_import_cycles_in_datagen_or_cir_counting_imports_inside_functions():
 
 def test_the_cycle_finder_finds_a_cycle_through_a_lazy_import():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# cir's application layer drives both packages (the CLI's generation commands, the study's
+# generate-then-train grid); the rest of cir is the model library.
+CIR_APPLICATION = {"cir.cli", "cir.study"}
+# What the model library may use of datagen: the base layer (config, recipe loading, CLIP loader,
+# assets, io, errors, device, images), the dataset schema, the shapes world and the HTML viewer.
+CIR_MAY_USE = ("datagen.base", "datagen.schema", "datagen.world", "datagen.report")
+
+
+def test_cir_library_uses_only_datagens_base_layer_schema_world_and_viewer():
+    graph = _import_graph()
+    reached = {(mod, dep) for mod, deps in graph.items() if mod.startswith("cir") and mod not in CIR_APPLICATION
+               for dep in deps if dep.startswith("datagen")}
+    assert ("cir.clip", "datagen.base.clip_loader") in reached            # the walker sees real edges
+    bad = sorted((m, d) for m, d in reached if not any(d == a or d.startswith(a + ".") for a in CIR_MAY_USE))
+    assert bad == []
+
+
+def test_the_base_layer_imports_nothing_above_it():
+    graph = _import_graph()
+    base = {m for m in graph if m.startswith("datagen.base")}
+    assert {"datagen.base.config", "datagen.base.recipes", "datagen.base.clip_loader"} <= base
+    assert sorted((m, d) for m in base for d in graph[m] if d not in base) == []
+
+
+def test_every_python_package_is_listed_for_installation():
+    """A package missing from pyproject's list works in an editable install and breaks a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("datagen", "cir")
+             for p in (ROOT / pkg).rglob("__init__.py")}
+    assert found - listed == set()

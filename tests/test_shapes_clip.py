@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from cir.shapes_clip import Phase, PretrainConfig, _lr_at, _StepBatches, build_model, evaluate, pretrain
-from datagen.clip_loader import (compact_state_dict, expand_state_dict, load_clip, load_weights_file,
+from datagen.base.clip_loader import (compact_state_dict, expand_state_dict, load_clip, load_weights_file,
                                  shipped_weights)
 
 
@@ -94,7 +94,7 @@ def test_phases_schedule_their_own_data_and_learning_rate():
 
 
 def test_pretrain_config_errors_name_the_field():
-    from datagen.config import ConfigError, from_dict
+    from datagen.base.config import ConfigError, from_dict
 
     with pytest.raises(ConfigError, match=r"phases\[0\].*warmup"):
         from_dict(PretrainConfig, {"phases": [{"steps": 10, "lr": 1e-4, "warmup": 10}]})

@@ -60,10 +60,10 @@ def test_subsample_is_deterministic_and_nested_and_filters_apply(triplet_dir):
     b = load_triplets(TripletsConfig(path=str(triplet_dir), max_triplets=80))
     assert len(a) == 40 and set(a.ids) <= set(b.ids)
     assert a.ids == load_triplets(TripletsConfig(path=str(triplet_dir), max_triplets=40)).ids
-    clean = load_triplets(TripletsConfig(path=str(triplet_dir), where=["failure==none"]))
+    clean = load_triplets(TripletsConfig(path=str(triplet_dir), conditions=["failure==none"]))
     assert 0 < len(clean) < 150 and clean.filtered_out == 150 - len(clean)
     with pytest.raises(DataError, match="no column 'score_nope'"):
-        load_triplets(TripletsConfig(path=str(triplet_dir), where=["score_nope>=0.2"]))
+        load_triplets(TripletsConfig(path=str(triplet_dir), conditions=["score_nope>=0.2"]))
 
 
 def test_corrupt_image_is_an_error_or_a_counted_skip(triplet_dir, tmp_path):
@@ -78,7 +78,7 @@ def test_corrupt_image_is_an_error_or_a_counted_skip(triplet_dir, tmp_path):
     pq.write_table(type(t).from_pylist(rows, schema=t.schema), shard)
     with pytest.raises(DataError, match=r"000000.parquet row 3 .*corrupt target image"):
         load_triplets(TripletsConfig(path=str(bad)))
-    got = load_triplets(TripletsConfig(path=str(bad), on_error="skip"))
+    got = load_triplets(TripletsConfig(path=str(bad), bad_rows="skip"))
     assert got.skipped == 1 and len(got) == 149
 
 

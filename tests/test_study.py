@@ -9,7 +9,7 @@ import pytest
 
 from cir.study import Study, load_study_recipe
 from conftest import SMALL
-from datagen.config import ConfigError
+from datagen.base.config import ConfigError
 
 
 def _tiny(tmp_path, extra=()):

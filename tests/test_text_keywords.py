@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datagen.candidate import Candidate, candidate_seed
-from datagen.config import ConfigError
+from datagen.base.config import ConfigError
 from datagen.edits import build_edits
 from datagen.filters import normalise
 from datagen.recipe import load_gen_recipe

@@ -10,7 +10,7 @@ import pytest
 
 from datagen.candidate import Candidate, candidate_seed
 from datagen.captions import build_captions
-from datagen.config import ConfigError
+from datagen.base.config import ConfigError
 from datagen.edits import build_edits
 from datagen.unit import Stages, run_unit
 from datagen.recipe import load_gen_recipe

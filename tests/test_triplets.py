@@ -69,7 +69,7 @@ def test_transagg_missing_image_is_an_error_naming_the_entry_or_a_counted_skip(t
     cfg = TripletsConfig(format="transagg", path=str(d / "laion_llm_info.json"), image_root=str(img))
     with pytest.raises(DataError, match=r"laion_llm_info.json entry 1001: target: image '2001' not found"):
         load_triplets(cfg)
-    cfg.on_error = "skip"
+    cfg.bad_rows = "skip"
     t = load_triplets(cfg)
     assert t.skipped == 1 and t.ids == ["1000", "20", "12345678"]
 
@@ -81,7 +81,7 @@ def test_transagg_ids_that_leave_the_image_root_are_refused_even_when_skipping(t
     f = d / "laion_template_info.json"
     f.write_text(json.dumps([{"ref_image_id": bad, "relative_cap": "add x.", "tgt_image_id": "2000"}]))
     with pytest.raises(DataError, match=r"laion_template_info.json entry 0: path .* leaves .*images"):
-        load_triplets(TripletsConfig(format="transagg", path=str(f), image_root=str(img), on_error="skip"))
+        load_triplets(TripletsConfig(format="transagg", path=str(f), image_root=str(img), bad_rows="skip"))
 
 
 def test_transagg_malformed_entries_are_one_line_errors(tmp_path):
@@ -140,7 +140,7 @@ def test_cirr_split_entries_that_leave_the_root_are_refused(tmp_path, bad):
     spl.write_text(json.dumps(m))
     with pytest.raises(DataError, match=r"split.rc2.train.json entry 'train-101-1-img1': path .* leaves"):
         load_triplets(TripletsConfig(format="cirr", path=str(root / "captions" / "cap.rc2.train.json"),
-                                     on_error="skip"))
+                                     bad_rows="skip"))
 
 
 def test_cirr_names_missing_from_the_split_and_entries_without_target_are_counted(tmp_path):
@@ -153,7 +153,7 @@ def test_cirr_names_missing_from_the_split_and_entries_without_target_are_counte
     with pytest.raises(DataError, match=r"cap.rc2.train.json entry 1: reference: image 'train-999-0-img0' is "
                                         r"not in split.rc2.train.json"):
         load_triplets(TripletsConfig(format="cirr", path=str(cap)))
-    t = load_triplets(TripletsConfig(format="cirr", path=str(cap), on_error="skip"))
+    t = load_triplets(TripletsConfig(format="cirr", path=str(cap), bad_rows="skip"))
     assert t.skipped == 2 and t.ids == ["0", "3"]
 
 
@@ -221,7 +221,7 @@ def test_synthtriplets_bad_samples_are_errors_naming_shard_and_key_or_counted_sk
     cfg = TripletsConfig(format="synthtriplets18m", path=str(tar))
     with pytest.raises(DataError, match=r"00000.tar sample 000000000: empty target_caption"):
         load_triplets(cfg)
-    cfg.on_error = "skip"
+    cfg.bad_rows = "skip"
     t = load_triplets(cfg)
     assert t.ids == ["00000.tar:000000002"] and t.skipped == 4
 
@@ -296,7 +296,7 @@ def test_cirgen_reads_filter_columns_first_and_image_bytes_only_of_chosen_row_gr
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy_batches)
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy_group)
-    t = load_triplets(TripletsConfig(path=str(root), where=["score_x>=0.5", "pass_x==true"], max_triplets=3))
+    t = load_triplets(TripletsConfig(path=str(root), conditions=["score_x>=0.5", "pass_x==true"], max_triplets=3))
     assert batches_cols and all(set(c) == {"score_x", "pass_x"} for c in batches_cols)  # no image column
     assert len(t) == 3 and t.filtered_out == 30                  # 10 of 40 rows pass both filters
     assert len(groups) <= 3                                       # at most one row group per chosen row
@@ -316,7 +316,7 @@ def test_cirgen_unchosen_rows_are_never_decoded(tmp_path):
     for r in rows[10:]:
         r["target_image"] = {"bytes": b"\x89PNG broken", "path": None}
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard, row_group_size=5)
-    t = load_triplets(TripletsConfig(path=str(root), where=["score_x<0.5"]))
+    t = load_triplets(TripletsConfig(path=str(root), conditions=["score_x<0.5"]))
     assert len(t) == 10 and t.skipped == 0
     with pytest.raises(DataError, match=r"000000.parquet row 10 \(id 000000-000010\): corrupt target image"):
         load_triplets(TripletsConfig(path=str(root)))
@@ -326,11 +326,11 @@ def test_cirgen_filter_errors_are_one_line(tmp_path):
     root = cirgen_folder(tmp_path, n=10, shards=1)
     with pytest.raises(DataError, match=r"000000.parquet row 0: filter on 'failure' compares a number with the "
                                         r"text 'drift'"):
-        load_triplets(TripletsConfig(path=str(root), where=["failure>=0.2"]))
+        load_triplets(TripletsConfig(path=str(root), conditions=["failure>=0.2"]))
     with pytest.raises(DataError, match=r"only == and != compare with text"):
-        load_triplets(TripletsConfig(path=str(root), where=["failure<drift"]))
-    assert len(load_triplets(TripletsConfig(path=str(root), where=["pass_x==false"]))) == 5
-    assert len(load_triplets(TripletsConfig(path=str(root), where=["failure==drift"]))) == 4
+        load_triplets(TripletsConfig(path=str(root), conditions=["failure<drift"]))
+    assert len(load_triplets(TripletsConfig(path=str(root), conditions=["pass_x==false"]))) == 5
+    assert len(load_triplets(TripletsConfig(path=str(root), conditions=["failure==drift"]))) == 4
 
 
 def test_cirgen_unreadable_shard_names_the_file(tmp_path):

@@ -25,7 +25,7 @@ def tiny12() -> CIRClip:
     """open_clip CLIP: ViT 32 px / patch 8 (a 4 x 4 grid), text tower of 12 blocks of width 32."""
     import open_clip
 
-    from datagen.clip_loader import LoadedClip
+    from datagen.base.clip_loader import LoadedClip
 
     torch.manual_seed(0)
     model = open_clip.CLIP(

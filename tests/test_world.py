@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from datagen.assets import asset_path
+from datagen.base.assets import asset_path
 from datagen.world.editor import FAILURES, inject_failure, sample_edit
 from datagen.world.phrases import EDIT_TYPES, load_phrases
 from datagen.world.render import RenderConfig, encode, render

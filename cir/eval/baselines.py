@@ -63,7 +63,7 @@ def targetpad(img, target_ratio: float = 1.25):
 
 
 class ClipBaseline:
-    """A zero-shot baseline on a loaded CLIP (`datagen.clip_loader.LoadedClip`)."""
+    """A zero-shot baseline on a loaded CLIP (`datagen.base.clip_loader.LoadedClip`)."""
 
     def __init__(self, clip, mode: Mode, preprocess: str = "clip", target_ratio: float = 1.25,
                  batch_size: int = 64, device: str = "cpu"):
@@ -148,7 +148,7 @@ def resolve_model(spec: str, clip_name: str = "shapes-clip", weights: str | None
 
     device = resolve_device(device)
     if spec in BASELINES:
-        from datagen.clip_loader import load_clip
+        from datagen.base.clip_loader import load_clip
 
         try:
             clip = load_clip(clip_name, pretrained=None if weights in (None, "random") else weights,

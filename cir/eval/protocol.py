@@ -143,7 +143,7 @@ def circo_text(name: str) -> str:
 
 def build_protocol(overrides: list[str] | tuple[str, ...] = (), base: Protocol | None = None) -> Protocol:
     """Protocol from `key=value` overrides (an optional `protocol.` prefix is accepted)."""
-    from datagen.config import ConfigError, apply_overrides, from_dict
+    from datagen.base.config import ConfigError, apply_overrides, from_dict
 
     data = asdict(base or Protocol())
     known = {f.name for f in fields(Protocol)}

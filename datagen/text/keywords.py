@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..assets import asset_path
-from ..config import ConfigError
+from ..base.assets import asset_path
+from ..base.config import ConfigError
 from ..candidate import Candidate
 
 _WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")

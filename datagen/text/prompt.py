@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..assets import asset_path
-from ..config import ConfigError
+from ..base.assets import asset_path
+from ..base.config import ConfigError
 from ..filters import normalise
 
 SEP_PROMPT = "\n##\n"      # ends the caption (IP2P)

@@ -7,7 +7,7 @@ from functools import lru_cache
 import numpy as np
 import yaml
 
-from ..assets import asset_path
+from ..base.assets import asset_path
 from .scene import CELLS, Obj, Scene
 
 SPLITS = ("train", "heldout")

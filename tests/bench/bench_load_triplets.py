@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         "imports_only": measure({}),
         "subsample": measure({"path": path, "max_triplets": args.subsample}),
         "subsample_where": measure({"path": path, "max_triplets": args.subsample,
-                                    "where": [f"index>={args.n // 2}"]}),
+                                    "conditions": [f"index>={args.n // 2}"]}),
         "all": measure({"path": path}),
     }
     peak = {k: v["peak_rss_mb"] for k, v in runs.items()}

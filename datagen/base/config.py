@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .base.errors import CirgenError
+from .errors import CirgenError
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from .base.errors import InputError, InputNotFound, MachineError, os_error_line
+from .errors import InputError, InputNotFound, MachineError, os_error_line
 
 SHAPES_CLIP = "shapes-clip"
 # Missing weights named like a file (or a path) are a missing file, not an open_clip tag to look up.
