@@ -27,7 +27,7 @@ import torch
 
 from datagen.base.device import resolve_device
 from datagen.base.config import ConfigError, stable_hash, to_dict
-from datagen.base.recipes import load_recipe
+from datagen.base.recipes import RecipeProse, load_recipe
 
 from .clip import CIRClip
 from .data import DataConfig, open_source
@@ -71,11 +71,9 @@ class Stage1Eval:
 
 
 @dataclass
-class Stage1Recipe:
+class Stage1Recipe(RecipeProse):
     kind: Literal["stage1"] = "stage1"
     name: str = "stage1-shapes"
-    description: str = ""
-    expected_cost: str = ""
     clip: ClipConfig = field(default_factory=ClipConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mapping: MappingConfig = field(default_factory=MappingConfig)

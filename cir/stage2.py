@@ -31,7 +31,7 @@ import torch
 
 from datagen.base.device import resolve_device
 from datagen.base.config import ConfigError, stable_hash, to_dict
-from datagen.base.recipes import load_recipe
+from datagen.base.recipes import RecipeProse, load_recipe
 
 from .adapters import ComposeConfig
 from .features import FeatureCache
@@ -70,11 +70,9 @@ class Stage2Loss:
 
 
 @dataclass
-class Stage2Recipe:
+class Stage2Recipe(RecipeProse):
     kind: Literal["stage2"] = "stage2"
     name: str = "stage2-shapes"
-    description: str = ""
-    expected_cost: str = ""
     prompt: str = "a photo of * that {}"
     triplets: TripletsConfig = field(default_factory=TripletsConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)

@@ -28,7 +28,7 @@ from typing import Callable
 from datagen.base.io import write_atomic
 from datagen.base.clip_loader import weights_identity
 from datagen.base.config import ConfigError, stable_hash, to_dict
-from datagen.base.recipes import load_recipe
+from datagen.base.recipes import PROSE_FIELDS, RecipeProse, load_recipe
 from datagen.stats import DatasetStats
 
 STUDY_METRICS = ("R@1", "R@5", "R@10", "R@50")
@@ -72,11 +72,9 @@ class BenchSpec:
 
 
 @dataclass
-class StudyRecipe:
+class StudyRecipe(RecipeProse):
     kind: str = "study"
     name: str = "study"
-    description: str = ""
-    expected_cost: str = ""
     gen_seed: int = 0
     quantities: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000])
     tiers: list[Tier] = field(default_factory=list)
@@ -129,7 +127,7 @@ class Cell:
 def _what_is_learned(recipe) -> dict:
     """A training recipe without its prose and its feature-cache folder (they change no result)."""
     d = to_dict(recipe)
-    for k in ("name", "description", "expected_cost", "cache_dir", "device", "decode_workers"):
+    for k in (*PROSE_FIELDS, "cache_dir", "device", "decode_workers"):
         d.pop(k, None)
     d.get("clip", {}).pop("device", None)      # stage I's device
     return d

@@ -43,6 +43,7 @@ class Plan:
 
     @property
     def num_units(self) -> int:
+        """ceil(n / unit_size): the units of the whole dataset, done or not."""
         return (self.n + self.unit_size - 1) // self.unit_size
 
 
@@ -80,74 +81,100 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
              workers: int | None = None, recipe_path: str = "", progress: bool = True,
              log: Callable[[str], None] = print, shard: tuple[int, int] | None = None,
              ray_address: str | None = None) -> dict:
-    """Make (or complete, or extend) the dataset in `out`; return the summary (stats.json).
+    """Make (or complete, or extend) the `n`-triplet dataset in `out`; return its summary
+    (stats.json's fields plus `wall_seconds`), or {} when this process does not write the stats
+    (a `shard` (i, k) of a run that others finish, or a target another run raised meanwhile).
 
-    `ray_address`: run the work units on Ray ("local" starts a local instance); see ray_runner."""
+    `seed`: None = the recipe's; `workers`: processes (None = the recipe's, else the CPU count);
+    `ray_address`: run the work units on Ray ("local" starts a local instance; see ray_runner).
+    Errors (all `CirgenError`, one line): a bad request or input file (before anything is
+    written), a folder of another recipe or seed, an unwritable folder, `PipelineError` when
+    units are still missing after the run."""
     out = Path(out)
     seed = recipe.seed if seed is None else seed
-    check_request(recipe, seed, n)      # before anything is written
-    if recipe.images.backend == "shapes":
-        from .images import ShapesImages
-
-        ShapesImages.check(recipe)      # before anything is written
-    from .text.sources import check_text_inputs, pool_counts
-
-    pool_report = check_text_inputs(recipe)   # a bad caption/topics/vocabulary file fails here, before
-    if pool_report:                           # anything is written; its counts go to log and stats
-        log(f"caption pool {pool_report['source']}: {pool_counts(pool_report)}")
+    # 1. Check the request and every input file before anything is written.
+    pool_report = _check_inputs(recipe, seed, n, log)
+    # 2. Open the dataset folder (run.json first) and clear what killed runs left behind.
     run = open_dataset(out, recipe, seed, n, recipe_path)
     removed = clean_temp_files(out)
     if removed:
         log(f"removed {removed} temp file(s) left by an interrupted run")
-    us = recipe.pipeline.unit_size
-    p = plan(out, n, us, seed, run["recipe_hash"])
+    # 3. Plan: the work units missing or damaged (with --shard I/N: the ones of this shard).
+    p = plan(out, n, recipe.pipeline.unit_size, seed, run["recipe_hash"])
     for line in p.damaged:
         log(f"{line}; its unit is regenerated")
-    todo = p.todo
-    if shard is not None:
-        i, k = shard
-        todo = [t for t in todo if t[0] % k == i]
+    todo = p.todo if shard is None else [t for t in p.todo if t[0] % shard[1] == shard[0]]
+    # 4. Raise the folder's target only once it can be written (an extension into a read-only or
+    #    full folder leaves run.json as it was).
     if todo or n != run["n"]:
-        # Only once the run can write its files does the folder's target change (an extension
-        # into a read-only or full folder leaves run.json as it was).
         probe_writable(out)
         run = set_target(out, recipe, seed, n)
     _drop_empty_rejects(p.empty_rejects, log)
+    # 5. Run the missing units: in this process, a process pool or on Ray, with a progress bar.
     t0 = time.time()
     if todo:
-        total = n
-        done_before = total - sum(c for _, c in p.todo)
-        if ray_address is None:
-            workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
-            workers = max(1, min(workers, len(todo)))
-            log(f"{out}: {len(todo)} of {p.num_units} work units to run "
-                f"({done_before} triplets already there), {workers} worker(s)")
-        else:
-            workers = workers or recipe.pipeline.workers or None     # None: Ray sizes the actor pool
-        _run_units(recipe, seed, out, todo, workers, progress, total, done_before, ray_address, log)
+        _run_units(recipe, seed, out, todo, workers, progress, n, n - sum(c for _, c in p.todo),
+                   ray_address, p.num_units, log)
     else:
         log(f"{out}: all {p.num_units} work units are complete; nothing to do")
-    left = plan(out, n, us).todo
+    # 6. Every unit complete? (Other processes may share the folder.)
+    if not _complete(out, n, recipe.pipeline.unit_size, shard, log):
+        return {}
+    # 7. Aggregate the units' statistics; write stats.json and the dataset card.
+    stats = _write_stats(out, run, recipe, p.num_units, pool_report)
+    return {**stats.to_dict(), "wall_seconds": round(time.time() - t0, 3)}
+
+
+def _check_inputs(recipe: GenRecipe, seed: int, n: int, log: Callable[[str], None]) -> dict:
+    """Step 1 of `generate`: the request (n, seed), the shapes renderer's settings and every text
+    input file (captions, topics, vocabulary, few-shot examples); returns the caption pool's
+    counts ({} when the recipe reads no caption file). Raises the checks' one-line errors."""
+    check_request(recipe, seed, n)
+    if recipe.images.backend == "shapes":
+        from .images import ShapesImages
+
+        ShapesImages.check(recipe)
+    from .text.sources import check_text_inputs, pool_counts
+
+    pool_report = check_text_inputs(recipe)
+    if pool_report:
+        log(f"caption pool {pool_report['source']}: {pool_counts(pool_report)}")
+    return pool_report
+
+
+def _complete(out: Path, n: int, unit_size: int, shard: tuple[int, int] | None,
+              log: Callable[[str], None]) -> bool:
+    """Step 6 of `generate`: True when every unit is complete and the target is still `n`;
+    False when another process finishes (a shard's units done, others missing; or a target
+    raised meanwhile). PipelineError when units are missing without --shard."""
+    left = plan(out, n, unit_size).todo
     if shard is not None and left:
         log(f"shard {shard[0]}/{shard[1]} done; stats are written when every unit is complete")
-        return {}
+        return False
     if left:
         raise PipelineError(f"{out}: {len(left)} work unit(s) are not complete after this run (first: "
                             f"{shard_path(out, left[0][0])}); another process may be writing into "
                             f"this folder; rerun the same command")
     if read_run_json(out / "run.json")["n"] != n:
         log(f"{out}: another run changed the target meanwhile; that run writes stats.json")
-        return {}
-    stats = aggregate_stats(out, list(range(p.num_units)))
+        return False
+    return True
+
+
+def _write_stats(out: Path, run: dict, recipe: GenRecipe, num_units: int, pool_report: dict) -> DatasetStats:
+    """Step 7 of `generate`: the dataset's statistics from its units' shard footers (plus the
+    cross-unit near-duplicate report and the caption pool's counts), written to stats.json and
+    the dataset card README.md."""
+    stats = aggregate_stats(out, list(range(num_units)))
     dd = recipe.filters.dedupe
     if dd.enabled and dd.cross_unit_report:
-        stats.near_duplicates_cross_unit = cross_unit_report(out, range(p.num_units), dd.max_distance,
+        stats.near_duplicates_cross_unit = cross_unit_report(out, range(num_units), dd.max_distance,
                                                              dd.match, dd.channels)
     if pool_report:
         stats.caption_pool = pool_report
     write_atomic(out / "stats.json", json.dumps(stats.to_dict(), indent=2, sort_keys=True) + "\n")
     write_card(out, run, stats)
-    return {**stats.to_dict(), "wall_seconds": round(time.time() - t0, 3)}
+    return stats
 
 
 def _drop_empty_rejects(paths: list[Path], log: Callable[[str], None]) -> None:
@@ -167,7 +194,19 @@ def _drop_empty_rejects(paths: list[Path], log: Callable[[str], None]) -> None:
         log(f"removed {removed} empty rejects file(s) (0-row parquet files break datasets.load_dataset)")
 
 
-def _run_units(recipe, seed, out, todo, workers, progress, total, done_before, ray_address, log) -> None:
+def _run_units(recipe: GenRecipe, seed: int, out: Path, todo: list[tuple[int, int]], workers: int | None,
+               progress: bool, total: int, done_before: int, ray_address: str | None, num_units: int,
+               log: Callable[[str], None]) -> None:
+    """Step 5 of `generate`: run the `todo` units (unit index, triplet count) in this process
+    (`workers` 1), a process pool or on Ray, with a progress bar over kept triplets."""
+    if ray_address is None:
+        workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
+        workers = max(1, min(workers, len(todo)))
+        log(f"{out}: {len(todo)} of {num_units} work units to run "
+            f"({done_before} triplets already there), {workers} worker(s)")
+    else:
+        workers = workers or recipe.pipeline.workers or None     # None: Ray sizes the actor pool
+
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=done_before, unit="triplet", disable=not progress,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .base.config import ConfigError, read_yaml, stable_hash, to_dict
-from .base.recipes import load_recipe, resolve_recipe_path
+from .base.config import ConfigError, at_least, read_yaml, stable_hash, to_dict
+from .base.recipes import PROSE_FIELDS, RecipeProse, load_recipe, resolve_recipe_path
 from .world.editor import FAILURES
 from .world.phrases import EDIT_TYPES
 
@@ -242,29 +242,21 @@ class ClipFilterConfig:
     pretrained: str | None = "openai"   # tag or local weights file; null = shipped (shapes-clip)
     random_init: bool = False       # random weights (tests and benchmarks only)
     device: str = "auto"            # auto = cuda when visible, else cpu
-    batch_size: int = 64            # images per forward pass
+    batch_size: int = at_least(1, 64)   # images per forward pass
     score_instruction: bool = False  # also store score_clip_instr_tgt without a threshold
     thresholds: ClipThresholds = field(default_factory=ClipThresholds)
     # Per quality tier: the entry named by `quality.tier` replaces `thresholds`.
     tiers: dict[str, ClipThresholds] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
 
 
 @dataclass
 class DedupeConfig:
     """Perceptual-hash near-duplicate removal within a work unit (see datagen.dedupe for scope)."""
     enabled: bool = False
-    max_distance: int = 4           # Hamming bits (summed over channels) counted as near-duplicate
+    max_distance: int = at_least(0, 4)   # Hamming bits (summed over channels) counted as near-duplicate
     match: Literal["pair", "either"] = "pair"   # pair: ref AND target near one earlier triplet
     channels: Literal["gray", "rgb"] = "gray"   # rgb: one 64-bit pHash per channel (sees colour)
     cross_unit_report: bool = True  # stats.json lists near-duplicates across units (not removed)
-
-    def validate(self) -> None:
-        if self.max_distance < 0:
-            raise ValueError("max_distance must be >= 0")
 
 
 @dataclass
@@ -272,7 +264,7 @@ class ContaminationConfig:
     """Reject triplets whose reference or target is a near-copy of a benchmark gallery image."""
     enabled: bool = False
     galleries: list[str] = field(default_factory=list)   # folders, searched recursively for images
-    max_distance: int = 4           # pHash Hamming bits at or below which an image is contaminated
+    max_distance: int = at_least(0, 4)   # pHash Hamming bits at or below which an image is contaminated
     channels: Literal["gray", "rgb"] = "gray"
     cache_dir: str | None = None    # gallery hash cache; null = <gallery>/.cirgen-cache or ~/.cache
     clip_threshold: float | None = None  # also reject at CLIP cosine >= this (filters.clip's model)
@@ -280,8 +272,6 @@ class ContaminationConfig:
     def validate(self) -> None:
         if self.enabled and not self.galleries:
             raise ValueError("enabled needs at least one folder in galleries")
-        if self.max_distance < 0:
-            raise ValueError("max_distance must be >= 0")
 
 
 @dataclass
@@ -305,11 +295,9 @@ class PipelineConfig:
 
 
 @dataclass
-class GenRecipe:
+class GenRecipe(RecipeProse):
     kind: Literal["gen"] = "gen"
     name: str = "shapes-high"
-    description: str = ""
-    expected_cost: str = ""
     seed: int = 0
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     edits: EditsConfig = field(default_factory=EditsConfig)
@@ -329,7 +317,7 @@ class GenRecipe:
         backends (transformers, vllm), whose sampled text depends on the prompts batched together:
         `pipeline.batch_size`, and transformers' `llm.runtime.batch_size`."""
         d = to_dict(self)
-        for k in ("name", "description", "expected_cost", "seed", "kind"):
+        for k in (*PROSE_FIELDS, "seed", "kind"):
             d.pop(k)
         d["pipeline"] = {"unit_size": self.pipeline.unit_size}
         cap, ed, im, fl = d["captions"], d["edits"], d["images"], d["filters"]

@@ -31,35 +31,38 @@ STAGES = ("captions", "edits", "images", "filters")
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
-# (name, arrow type, HF feature) of the columns every dataset has; filters add score_*/pass_*.
-CORE_COLUMNS: list[tuple[str, pa.DataType, dict]] = [
-    ("id", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("index", pa.int64(), {"dtype": "int64", "_type": "Value"}),
-    ("reference_image", IMAGE_TYPE, {"_type": "Image"}),
-    ("target_image", IMAGE_TYPE, {"_type": "Image"}),
-    ("modification_text", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("source_caption", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("target_caption", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("edit_type", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("quality", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("failure", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("kept", pa.bool_(), {"dtype": "bool", "_type": "Value"}),
-    ("reject_reason", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("seed", pa.int64(), {"dtype": "int64", "_type": "Value"}),
-    ("generator", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("source_scene", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("target_scene", pa.string(), {"dtype": "string", "_type": "Value"}),
-    ("intended_scene", pa.string(), {"dtype": "string", "_type": "Value"}),
-] + [(f"seconds_{s}", pa.float64(), {"dtype": "float64", "_type": "Value"}) for s in STAGES]
+_HF_DTYPE = {pa.string(): "string", pa.int64(): "int64", pa.bool_(): "bool", pa.float64(): "float64"}
+
+
+def column(name: str, arrow: pa.DataType) -> tuple[str, pa.DataType, dict]:
+    """(name, arrow type, Hugging Face `datasets` feature) of one column: `IMAGE_TYPE` columns are
+    `Image()` features, the others `Value(dtype)` (string, int64, bool or float64)."""
+    feature = {"_type": "Image"} if arrow == IMAGE_TYPE else {"dtype": _HF_DTYPE[arrow], "_type": "Value"}
+    return name, arrow, feature
+
+
+# The columns every dataset has, in order; filters add score_* (float64) and pass_* (bool).
+_TEXT, _INT = pa.string(), pa.int64()
+CORE_COLUMNS: list[tuple[str, pa.DataType, dict]] = [column(name, arrow) for name, arrow in [
+    ("id", _TEXT), ("index", _INT),
+    ("reference_image", IMAGE_TYPE), ("target_image", IMAGE_TYPE),
+    ("modification_text", _TEXT), ("source_caption", _TEXT), ("target_caption", _TEXT),
+    ("edit_type", _TEXT), ("quality", _TEXT), ("failure", _TEXT),
+    ("kept", pa.bool_()), ("reject_reason", _TEXT),
+    ("seed", _INT), ("generator", _TEXT), ("source_scene", _TEXT), ("target_scene", _TEXT), ("intended_scene", _TEXT),
+]] + [column(f"seconds_{s}", pa.float64()) for s in STAGES]
 
 # Columns that are measurements of this run rather than data: excluded from determinism checks.
 TIMING_COLUMNS = tuple(f"seconds_{s}" for s in STAGES)
 
 
 def build_schema(score_columns: list[str], pass_columns: list[str]) -> pa.Schema:
+    """The arrow schema of a shard: the core columns, then `score_columns` (float64) and
+    `pass_columns` (bool), with the Hugging Face features in the `huggingface` metadata so
+    `datasets.load_dataset("parquet", ...)` reads images as `Image()`."""
     cols = list(CORE_COLUMNS)
-    cols += [(c, pa.float64(), {"dtype": "float64", "_type": "Value"}) for c in score_columns]
-    cols += [(c, pa.bool_(), {"dtype": "bool", "_type": "Value"}) for c in pass_columns]
+    cols += [column(c, pa.float64()) for c in score_columns]
+    cols += [column(c, pa.bool_()) for c in pass_columns]
     features = {name: feat for name, _, feat in cols}
     hf = json.dumps({"info": {"features": features}})
     return pa.schema([pa.field(n, t) for n, t, _ in cols], metadata={"huggingface": hf})

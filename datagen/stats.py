@@ -98,18 +98,26 @@ class Criterion:
     pass_rate: float | None
 
 
+# Budget maps: stage name (captions, edits, images, filters) -> seconds, or device name -> seconds.
+PerStage = dict[str, float]
+PerDevice = dict[str, float]
+
+
 @dataclass
 class Budget:
-    """Where the seconds went: per stage, per generated and per kept triplet, per device."""
+    """Where the seconds went: per stage, per generated and per kept triplet, per device.
+
+    Seconds are wall-clock seconds summed over units (so over processes: more than the run's wall
+    time with several workers); `device` joins the devices used with `+` (e.g. `cpu+cuda`)."""
     seconds_total: float = 0.0
-    seconds_per_stage: dict[str, float] = field(default_factory=dict)
+    seconds_per_stage: PerStage = field(default_factory=dict)
     seconds_per_generated: float = 0.0
     seconds_per_kept: float = 0.0
     seconds_per_1k_kept: float = 0.0
-    stage_seconds_per_generated: dict[str, float] = field(default_factory=dict)
-    stage_seconds_per_kept: dict[str, float] = field(default_factory=dict)
-    device_per_stage: dict[str, str] = field(default_factory=dict)
-    seconds_by_device: dict[str, float] = field(default_factory=dict)
+    stage_seconds_per_generated: PerStage = field(default_factory=dict)
+    stage_seconds_per_kept: PerStage = field(default_factory=dict)
+    device_per_stage: dict[str, str] = field(default_factory=dict)   # stage -> device(s), `+`-joined
+    seconds_by_device: PerDevice = field(default_factory=dict)
     gpu_seconds: float = 0.0
     gpu_seconds_per_1k_kept: float = 0.0
     device: str = "cpu"

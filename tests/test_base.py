@@ -1,9 +1,12 @@
-"""The base layer's device resolver: one answer for every stage's `device` setting."""
+"""The base layer: the device resolver (one answer for every stage's `device` setting) and configs."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
+from datagen.base.config import at_least
 from datagen.base.device import DeviceError, check_device_name, resolve_device, wants_cuda
 from datagen.base.errors import CirgenError
 
@@ -57,6 +60,31 @@ def test_config_numbers_written_as_yaml_1_1_reads_them():
     assert from_dict(C, apply_overrides({}, ["kind=off"])).kind == "off"      # YAML 1.1: off is false
     with pytest.raises(ConfigError, match="eps: expected a number, got 'tiny'"):
         from_dict(C, {"eps": "tiny"})
+
+
+@dataclasses.dataclass
+class _Bounded:
+    max_distance: int = at_least(0, 4)
+    scale: float | None = at_least(0.5, None)
+
+
+@dataclasses.dataclass
+class _Outer:          # module level: from_dict resolves the annotations by name
+    inner: _Bounded = dataclasses.field(default_factory=_Bounded)
+
+
+def test_a_field_bound_is_checked_with_the_dotted_key_and_the_value():
+    import pytest
+
+    from datagen.base.config import ConfigError, from_dict
+
+    Outer = _Outer
+    assert from_dict(Outer, {}).inner.max_distance == 4                     # the default stays
+    assert from_dict(Outer, {"inner": {"max_distance": 0, "scale": None}}).inner.max_distance == 0
+    with pytest.raises(ConfigError, match=r"^inner\.max_distance: must be >= 0, got -1$"):
+        from_dict(Outer, {"inner": {"max_distance": -1}})
+    with pytest.raises(ConfigError, match=r"inner\.scale: must be >= 0.5, got 0.25"):
+        from_dict(Outer, {"inner": {"scale": 0.25}})
 
 
 def test_extra_architecture_configs_come_from_cirgen_model_configs(tmp_path, monkeypatch):

@@ -194,59 +194,34 @@ def encode_queries(model: RetrievalModel, task: Task, prompts: list[list[str]], 
 def evaluate(model: RetrievalModel, dataset: str, root: str | Path, split: str = "val",
              protocol: Protocol | None = None, options: EvalOptions | None = None,
              log: Callable[[str], None] = lambda s: None, bench: Benchmark | None = None) -> EvalResult:
-    """Evaluate `model` on `dataset` at `root` under `protocol`; see EvalResult.
+    """Evaluate `model` on `dataset` (`fashioniq`, `cirr`, `circo` or their `shapes-` versions) at
+    `root` under `protocol`; return an `EvalResult` (metrics in percent, see `metrics.py` for the
+    published definitions of Recall@K, Recall_subset@K and mAP@K).
 
     `bench`: the benchmark already read by `load_benchmark(dataset, root, split, protocol)` (the
-    CLI reads it before loading the model, so annotation errors come first); None reads it here."""
+    CLI reads it before loading the model, so annotation errors come first); None reads it here.
+    Errors: `EvalError` (one line) for a bad protocol or split, an unlabelled split without a
+    submission folder, bad images or unencodable queries unless `missing="drop"`, and features of
+    the wrong shape; `DeviceError` for a device this machine lacks, before any work."""
     options = options or EvalOptions()
+    # 1. Check the request before reading anything: device, protocol, split.
     resolve_device(options.device)         # a GPU this machine lacks: DeviceError now, not mid-ranking
-    protocol = protocol or Protocol()
-    try:
-        protocol.validate()
-    except ValueError as e:
-        raise EvalError(f"protocol: {e}") from None
-    kind = dataset.removeprefix("shapes-")
-    if split not in ("val", "test", "test1"):
-        raise EvalError(f"split {split!r}: expected val or test")
-    split = "test" if split == "test1" else split     # CIRR's loader maps test -> test1
-    if options.allow_missing:
-        protocol = replace(protocol, missing="drop")
-    protocol = replace(protocol, split="val" if split == "val" else "test",
-                       backbone=protocol.backbone or model.cache_key)
-    used = getattr(model, "preprocess_mode", None)
-    if used is not None and used != protocol.preprocess:
-        raise EvalError(f"model {model.name} preprocesses with {used!r} but the protocol says "
-                        f"{protocol.preprocess!r}: set preprocess={used} or rebuild the model")
+    kind, split, protocol = _resolve_protocol(model, dataset, split, protocol or Protocol(), options)
     t0 = time.perf_counter()
+    # 2. Read the benchmark and check this split can be evaluated as asked.
     if bench is None:
         bench = load_benchmark(dataset, root, split, protocol)
-    if not bench.labelled and kind == "fashioniq":
-        raise EvalError("FashionIQ test has no targets and no public server: evaluate on val")
-    if not bench.labelled and options.submission is None:
-        raise EvalError(f"{dataset} {bench.split} has no targets: pass a submission folder "
-                        "(--submission DIR) to write the test-server file(s)")
-    if options.submission is not None and kind == "cirr" and protocol.cirr_gallery != "split":
-        raise EvalError("CIRR server files rank the split gallery: use cirr_gallery=split for a submission")
-    bad = find_bad_images(bench, options.check)
-    integrity = {"bad_images": 0, "check": options.check}
-    if bad:
-        if protocol.missing != "drop":
-            raise integrity_error(bench, bad)
-        bench, report = drop_bad_images(bench, bad)
-        integrity.update(report)
-        log(f"integrity: {report['bad_images']} bad images, {report['queries_dropped']} queries dropped")
-    text_problems = query_problems(model, kind, bench, protocol)
-    if text_problems:
-        bench, report = drop_queries(bench, text_problems, protocol.missing == "drop")
-        integrity.update(report)
-        log(f"integrity: {report['queries_unusable']} queries dropped whose text cannot be encoded")
+    _check_evaluable(dataset, kind, bench, protocol, options)
+    # 3. Integrity: unreadable images and queries the model cannot encode are refused or dropped.
+    bench, integrity = _check_integrity(model, kind, bench, protocol, options, log)
     seconds = {"load": time.perf_counter() - t0}
+    if not any(t.queries for t in bench.tasks):
+        raise EvalError(f"{dataset} {bench.split}: no queries to evaluate")
+    # 4. Per task: encode the gallery and the composed queries, rank, score, write server files.
     metrics: dict[str, float] = {}
     per_cat: dict[str, dict[int, float]] = {}
     rankings: dict[str, list[str]] = {}
     files: list[str] = []
-    if not any(t.queries for t in bench.tasks):
-        raise EvalError(f"{dataset} {bench.split}: no queries to evaluate")
     notes = list(bench.notes)
     for task in bench.tasks:
         if not task.queries:
@@ -263,12 +238,67 @@ def evaluate(model: RetrievalModel, dataset: str, root: str | Path, split: str =
         if options.submission is not None and kind in ("cirr", "circo"):
             files += _write_submission(kind, f"{dataset}_{bench.split}", task, ranked, subsets,
                                        options.submission)
+    # 5. FashionIQ reports per category and their average (the published summary).
     if per_cat:
         metrics = M.fiq_summary(per_cat)
     return EvalResult(dataset, bench.split, model.name, protocol, metrics,
                       sum(len(t.queries) for t in bench.tasks),
                       {t.name: len(t.gallery) for t in bench.tasks}, integrity, files, seconds,
                       notes, rankings if options.keep_rankings else {})
+
+
+def _resolve_protocol(model: RetrievalModel, dataset: str, split: str, protocol: Protocol,
+                      options: EvalOptions) -> tuple[str, str, Protocol]:
+    """(benchmark kind, split, the protocol this run uses); EvalError for a bad protocol, a bad
+    split or a model whose preprocessing differs from the protocol's."""
+    try:
+        protocol.validate()
+    except ValueError as e:
+        raise EvalError(f"protocol: {e}") from None
+    kind = dataset.removeprefix("shapes-")
+    if split not in ("val", "test", "test1"):
+        raise EvalError(f"split {split!r}: expected val or test")
+    split = "test" if split == "test1" else split     # CIRR's loader maps test -> test1
+    if options.allow_missing:
+        protocol = replace(protocol, missing="drop")
+    protocol = replace(protocol, split="val" if split == "val" else "test",
+                       backbone=protocol.backbone or model.cache_key)
+    used = getattr(model, "preprocess_mode", None)
+    if used is not None and used != protocol.preprocess:
+        raise EvalError(f"model {model.name} preprocesses with {used!r} but the protocol says "
+                        f"{protocol.preprocess!r}: set preprocess={used} or rebuild the model")
+    return kind, split, protocol
+
+
+def _check_evaluable(dataset: str, kind: str, bench: Benchmark, protocol: Protocol, options: EvalOptions) -> None:
+    """EvalError when the split has no targets and nothing can be written for a server instead."""
+    if not bench.labelled and kind == "fashioniq":
+        raise EvalError("FashionIQ test has no targets and no public server: evaluate on val")
+    if not bench.labelled and options.submission is None:
+        raise EvalError(f"{dataset} {bench.split} has no targets: pass a submission folder "
+                        "(--submission DIR) to write the test-server file(s)")
+    if options.submission is not None and kind == "cirr" and protocol.cirr_gallery != "split":
+        raise EvalError("CIRR server files rank the split gallery: use cirr_gallery=split for a submission")
+
+
+def _check_integrity(model: RetrievalModel, kind: str, bench: Benchmark, protocol: Protocol,
+                     options: EvalOptions, log: Callable[[str], None]) -> tuple[Benchmark, dict]:
+    """The benchmark without bad images and unencodable queries (dropped and counted when
+    `protocol.missing == "drop"`, else EvalError naming them), and the integrity report."""
+    bad = find_bad_images(bench, options.check)
+    integrity = {"bad_images": 0, "check": options.check}
+    if bad:
+        if protocol.missing != "drop":
+            raise integrity_error(bench, bad)
+        bench, report = drop_bad_images(bench, bad)
+        integrity.update(report)
+        log(f"integrity: {report['bad_images']} bad images, {report['queries_dropped']} queries dropped")
+    text_problems = query_problems(model, kind, bench, protocol)
+    if text_problems:
+        bench, report = drop_queries(bench, text_problems, protocol.missing == "drop")
+        integrity.update(report)
+        log(f"integrity: {report['queries_unusable']} queries dropped whose text cannot be encoded")
+    return bench, integrity
 
 
 def query_problems(model: RetrievalModel, kind: str, bench: Benchmark, protocol: Protocol) -> dict[tuple[str, str], str]:

@@ -94,8 +94,17 @@ def _coerce(value: Any, tp, where: str):
     return value
 
 
+def at_least(lo: float, default: Any) -> Any:
+    """A dataclass field with `default` whose value `from_dict` refuses below `lo` (the bound is
+    data on the field, so a config class needs no `validate` for it)."""
+    return dataclasses.field(default=default, metadata={"min": lo})
+
+
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
-    """Build dataclass `cls` from `data`; unknown keys are errors."""
+    """Build dataclass `cls` from `data` (nested dataclasses, lists, dicts, Literals, Optionals).
+
+    Errors: `ConfigError` naming the dotted key for an unknown key, a value of the wrong type, a
+    value below its field's `at_least` bound, or a failed `validate()` of the class."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
@@ -104,7 +113,11 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise ConfigError(f"unknown key {key!r} (known here: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(value, hints[name], key)
+        lo = fields[name].metadata.get("min")
+        if lo is not None and kwargs[name] is not None and kwargs[name] < lo:
+            raise ConfigError(f"{key}: must be >= {lo}, got {value!r}")
     try:
         obj = cls(**kwargs)
     except TypeError as e:

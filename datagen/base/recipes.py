@@ -6,10 +6,24 @@ dataclasses of its own kinds and loads them through `load_recipe`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .assets import shipped_folder
 from .config import ConfigError, apply_overrides, from_dict, read_yaml
+
+
+# Fields that describe a recipe and never change what it computes: identities leave them out.
+PROSE_FIELDS = ("name", "description", "expected_cost")
+
+
+@dataclass(kw_only=True)
+class RecipeProse:
+    """What every recipe kind says about itself besides `kind` and `name` (whose defaults differ
+    per kind): `description` (what it is for) and `expected_cost` (a measured cost, with where it
+    was measured). Neither is part of a run's identity (`PROSE_FIELDS`)."""
+    description: str = ""
+    expected_cost: str = ""
 
 
 def recipes_root() -> Path:
