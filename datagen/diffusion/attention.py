@@ -28,7 +28,10 @@ MODES = ("attention", "kv")
 
 
 class ShareState:
-    """Which pairs share at the current step; one per generation call, read by every processor."""
+    """Which pairs share at the current step; one per generation call, read by every processor.
+
+    `fractions`: p_j per pair, the fraction of the denoising steps with shared self-attention; `mode`:
+    one of `MODES`. Raises ValueError for another mode."""
 
     def __init__(self, fractions: Sequence[float], mode: str = "attention"):
         if mode not in MODES:
@@ -39,6 +42,7 @@ class ShareState:
         self._index: dict = {}
 
     def set_step(self, i: int, n_steps: int) -> None:
+        """Make step `i` of `n_steps` current: pair j shares iff i < p_j * n_steps (clears the cached index)."""
         self.active = i < self.fractions * n_steps
         self._index.clear()
 
@@ -52,7 +56,10 @@ class ShareState:
         return kwargs
 
     def gather_index(self, batch: int, device) -> torch.Tensor | None:
-        """Batch index that maps image 1 of every active pair onto image 0; None if nothing shares."""
+        """Batch index that maps image 1 of every active pair onto image 0; None if nothing shares.
+
+        `batch`: the UNet batch (2 images x n pairs x CFG branches). Returns a [batch] int64 index on
+        `device` (cached per step). Raises RuntimeError when `batch` is not a multiple of 2 x n pairs."""
         if not bool(self.active.any()):
             return None
         key = (batch, str(device))
@@ -120,7 +127,8 @@ class SharedSelfAttnProcessor:
 @contextmanager
 def shared_self_attention(unet, state: ShareState) -> Iterator[int]:
     """Install the sharing processor on every self-attention layer for the duration of a call;
-    the previous processors are restored afterwards. Yields the number of layers patched."""
+    the previous processors are restored afterwards. Yields the number of layers patched.
+    Raises ValueError when the UNet has no `attn1` layer (not a UNet2DConditionModel pipeline)."""
     old = dict(unet.attn_processors)
     names = [n for n in old if n.endswith("attn1.processor")]
     if not names:

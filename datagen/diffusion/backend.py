@@ -35,12 +35,19 @@ REJECT_ORDER = ("image_nan", "image_nsfw", "image_error")   # which failure name
 
 
 class DirectionalScorer(Protocol):
+    """What best-of-k selection needs from a scorer (e.g. `datagen.clip_scores`' CLIP scorer)."""
+
     def directional(self, ref_images: list[Image.Image], tgt_images: list[Image.Image],
-                    src_captions: list[str], tgt_captions: list[str]) -> np.ndarray: ...
+                    src_captions: list[str], tgt_captions: list[str]) -> np.ndarray:
+        """IP2P directional similarity of n pairs, cos(E_img1 - E_img0, E_txt1 - E_txt0) in [-1, 1]:
+        [n] scores (NaN allowed: that sample ranks last)."""
+        ...
 
 
 @dataclass
 class Sample:
+    """One (reference, target) image pair of a candidate: its draws, its outcome and its images."""
+
     cand: int                                 # candidate's position in the stage batch
     index: int                                # sample number within the candidate
     attempt: int                              # 0, then 1.. for retries of a failed sample
@@ -58,17 +65,21 @@ class Sample:
     tgt: np.ndarray | None = None
 
     def record(self) -> dict:
+        """The sample's entry in the `c.generator["images"]` record: fields that are set, less `cand`, `ref`, `tgt`."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in ("cand", "ref", "tgt") and getattr(self, f.name) is not None}
 
 
 def uniform(rng: np.random.Generator, lo_hi: Sequence[float]) -> float:
+    """One draw from U(lo, hi), `lo_hi` = (lo, hi), rounded to 4 decimals."""
     # Rounded before use, so the recorded value is exactly the one the image was made with.
     return round(float(rng.uniform(lo_hi[0], lo_hi[1])), 4)
 
 
 class DiffusionImages:
-    """Base of `diffusers-paired` and `diffusers-edit`; subclasses implement `draw` and `generate`."""
+    """Base of `diffusers-paired` and `diffusers-edit`; subclasses implement `draw` and `generate`.
+
+    Raises ValueError when `images.diffusion.samples_per_prompt` > 1 and no `scorer` is given."""
 
     name = ""
 
@@ -87,13 +98,16 @@ class DiffusionImages:
         return None if c.source_caption and c.target_caption else "missing source or target caption"
 
     def draw(self, rng: np.random.Generator, cand: int, index: int, attempt: int) -> Sample:
+        """Draw sample `index` (try `attempt`) of candidate `cand` from the candidate's rng: seeds and scales."""
         raise NotImplementedError
 
     def generate(self, samples: list[Sample], batch: list[Candidate]) -> None:
-        """Fill `ref`/`tgt` (float [H, W, 3]) of every sample, or set `error`; may raise RuntimeError."""
+        """Fill `ref`/`tgt` (float [H, W, 3] in [0, 1], H = W = `images.resolution` pixels) of every sample,
+        or set `error`; may raise RuntimeError (the caller then splits the call in halves)."""
         raise NotImplementedError
 
     def settings(self) -> dict:
+        """The backend's fixed settings (model, steps, scheduler, dtype, ...) for the `c.generator["images"]` record."""
         raise NotImplementedError
 
     # -- the stage ----------------------------------------------------------------------------

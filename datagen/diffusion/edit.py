@@ -18,6 +18,11 @@ from .paired import dtype_name, model_name
 
 
 class DiffusersEdit(DiffusionImages):
+    """`diffusers-edit`: a text-to-image reference, then an InstructPix2Pix edit by the modification text.
+
+    `pipe` / `edit_pipe`: prebuilt pipelines, else loaded from `images.diffusion.model` / `edit_model`.
+    Raises ValueError as `DiffusionImages` does (best-of-k without a scorer)."""
+
     name = "diffusers-edit"
 
     def __init__(self, recipe: GenRecipe, pipe=None, edit_pipe=None, scorer: DirectionalScorer | None = None):
@@ -33,9 +38,12 @@ class DiffusersEdit(DiffusionImages):
             cfg.edit_model, "edit", cfg.dtype, cfg.device, cfg.variant, cfg.scheduler, cfg.safety_checker)
 
     def ready(self, c: Candidate) -> str | None:
+        """Why this candidate cannot be generated (no source caption or no modification text), or None."""
         return None if c.source_caption and c.modification_text else "missing source caption or instruction"
 
     def draw(self, rng: np.random.Generator, cand: int, index: int, attempt: int) -> Sample:
+        """Draw, in this order: seed, guidance ~ U(guidance), edit seed, edit guidance ~ U(edit_guidance),
+        image guidance ~ U(image_guidance); seeds in [0, 2^31)."""
         seed = int(rng.integers(SEED_RANGE))
         guidance = uniform(rng, self.cfg.guidance)
         edit_seed = int(rng.integers(SEED_RANGE))
@@ -44,6 +52,9 @@ class DiffusersEdit(DiffusionImages):
                       image_guidance=uniform(rng, self.cfg.image_guidance))
 
     def generate(self, samples: list[Sample], batch: list[Candidate]) -> None:
+        """References from the source captions, then targets by editing them; images float [H, W, 3] in
+        [0, 1], H = W = `images.resolution` pixels. A NaN/black or NSFW reference sets `error` and is not
+        edited; an NSFW target sets `error`. RuntimeError from the pipelines propagates."""
         r, cfg = self.images_cfg.resolution, self.cfg
         refs, flags = text_to_image(self.pipe, [batch[s.cand].source_caption for s in samples],
                                     [s.seed for s in samples], [s.guidance for s in samples], cfg.steps, r, r,
@@ -70,6 +81,7 @@ class DiffusersEdit(DiffusionImages):
                 s.error = "image_nsfw"
 
     def settings(self) -> dict:
+        """Both models, step counts and schedulers, the dtype and the resolution (pixels) for the record."""
         return {"model": self.model, "steps": self.cfg.steps, "edit_model": self.edit_model,
                 "edit_steps": self.cfg.edit_steps, "scheduler": type(self.pipe.scheduler).__name__,
                 "edit_scheduler": type(self.edit_pipe.scheduler).__name__, "dtype": dtype_name(self.pipe),

@@ -22,6 +22,7 @@ from .guidance import guidance_ratios, per_sample_guidance
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU `torch.Generator` per seed, seeded with it."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
@@ -46,7 +47,10 @@ def text_to_image(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: 
                   share: ShareState | None = None,
                   guidance_scale: float | None = None) -> tuple[np.ndarray, list[bool] | None]:
     """One batched call of a text-to-image pipeline (SD 1.x/2.x, SDXL), guidance per image.
-    `guidance_scale`: the pipeline's scalar (>= every per-image scale); default their maximum."""
+    `guidance_scale`: the pipeline's scalar (>= every per-image scale); default their maximum.
+
+    n = len(prompts); `height`/`width` in pixels. Returns (images float32 [n, H, W, 3] in [0, 1], NSFW
+    flags [n] or None). Raises ValueError when a per-image scale is above `guidance_scale`."""
     n = len(prompts)
     g_max = _pipeline_scale(guidance, guidance_scale)
     kw = {}
@@ -68,7 +72,10 @@ def generate_pairs(pipe, sources: Sequence[str], targets: Sequence[str], seeds: 
                    fractions: Sequence[float], guidance: Sequence[float], steps: int, height: int, width: int,
                    mode: str = "attention", negative_prompt: str = "", guidance_scale: float | None = None):
     """IP2P paired generation of n pairs in one call. Returns (sources [n,H,W,3], targets, nsfw flags
-    [n] or None, shared steps per pair)."""
+    [n] or None, shared steps per pair).
+
+    Images float32 in [0, 1]; a pair is flagged if either image is. Raises ValueError for an unknown
+    `mode` or a per-pair scale above `guidance_scale`."""
     prompts = [p for pair in zip(sources, targets) for p in pair]      # adjacent pairs, see attention.py
     share = ShareState(fractions, mode)
     imgs, flags = text_to_image(pipe, prompts, [s for s in seeds for _ in (0, 1)],
@@ -83,7 +90,10 @@ def edit_images(pipe, instructions: Sequence[str], images: Sequence[Image.Image]
                 negative_prompt: str = "", guidance_scale: float | None = None,
                 image_guidance_scale: float | None = None) -> tuple[np.ndarray, list[bool] | None]:
     """One batched InstructPix2Pix call; text and image guidance per image (the pipeline's
-    scalars: `guidance_scale` / `image_guidance_scale`, default the per-image maxima)."""
+    scalars: `guidance_scale` / `image_guidance_scale`, default the per-image maxima).
+
+    Returns (images float32 [n, H, W, 3] in [0, 1], NSFW flags [n] or None), n = len(instructions).
+    Raises ValueError when a per-image scale is above its pipeline scalar."""
     n = len(instructions)
     g_max = _pipeline_scale(guidance, guidance_scale)
     h_max = _pipeline_scale(image_guidance, image_guidance_scale)
@@ -98,7 +108,9 @@ def edit_images(pipe, instructions: Sequence[str], images: Sequence[Image.Image]
 
 
 def check_image(img: np.ndarray) -> str | None:
-    """'image_nan' for non-finite or all-black output (fp16 overflow, safety-checker blackout), else None."""
+    """'image_nan' for non-finite or all-black output (fp16 overflow, safety-checker blackout), else None.
+
+    `img`: float [H, W, 3] in [0, 1]; all-black means max <= 1/255."""
     if not np.isfinite(img).all():
         return "image_nan"
     if float(img.max()) <= 1.0 / 255:
@@ -107,5 +119,5 @@ def check_image(img: np.ndarray) -> str | None:
 
 
 def to_pil(img: np.ndarray) -> Image.Image:
-    """diffusers' own float -> uint8 conversion (numpy_to_pil)."""
+    """diffusers' own float -> uint8 conversion (numpy_to_pil): [H, W, 3] in [0, 1] -> RGB image."""
     return Image.fromarray((img * 255).round().astype("uint8"))

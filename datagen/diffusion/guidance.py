@@ -21,7 +21,9 @@ import torch
 
 
 def guidance_ratios(scales: Sequence[float], pipeline_scale: float, floor: float | None = 1.0) -> torch.Tensor | None:
-    """g_i / G per sample (g_i raised to `floor` first), or None when all ratios are 1."""
+    """g_i / G per sample (g_i raised to `floor` first), or None when all ratios are 1.
+
+    Returns a float32 [n] tensor, n = len(scales); G = `pipeline_scale`."""
     r = torch.tensor([(max(float(g), floor) if floor is not None else float(g)) / pipeline_scale
                       for g in scales], dtype=torch.float32)
     return None if bool((r == 1.0).all()) else r
@@ -29,6 +31,11 @@ def guidance_ratios(scales: Sequence[float], pipeline_scale: float, floor: float
 
 @contextmanager
 def per_sample_guidance(unet, text: torch.Tensor | None, image: torch.Tensor | None = None) -> Iterator[None]:
+    """Hook the UNet for the block so the pipeline's scalar CFG yields each sample's scale (formulas above).
+
+    `text` / `image`: [n] ratios g_i / G and h_i / H (None: 1; both None: no hook). UNet batches of 2n
+    (2-way CFG), 3n (IP2P 3-way) and n (no CFG, left alone) are handled; another batch size makes the
+    forward raise RuntimeError."""
     if text is None and image is None:
         yield
         return

@@ -25,11 +25,13 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 
 def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is 1, true, yes or on (any case)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def resolve_dtype(dtype: str, device: str):
-    """auto: bf16 on CUDA GPUs that have it (no fp16 overflow -> fewer NaN images), else fp16; fp32 on CPU."""
+    """auto: bf16 on CUDA GPUs that have it (no fp16 overflow -> fewer NaN images), else fp16; fp32 on CPU.
+    Else float32, float16 or bfloat16 by name; KeyError for another name."""
     import torch
 
     if dtype == "auto":
@@ -40,7 +42,10 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def make_scheduler(name: str, config: dict | None = None):
-    """A scheduler by short name, built from `config` (the model's own scheduler config) if given."""
+    """A scheduler by short name, built from `config` (the model's own scheduler config) if given.
+
+    `default`: the config's own class (`euler_a` without a config); without a config the others use
+    `SD_SCHEDULE`. Raises ValueError for a name not in `SCHEDULERS`."""
     import diffusers
 
     if name == "default":
@@ -57,7 +62,11 @@ def make_scheduler(name: str, config: dict | None = None):
 def load_pipeline(model: str, kind: str, dtype: str = "auto", device: str = "auto", variant: str | None = None,
                   scheduler: str = "default", safety_checker: bool = False):
     """Load a text-to-image (`kind="t2i"`, SD 1.x/2.x, SDXL, SDXL-Turbo: chosen from model_index.json)
-    or instruction-editing (`kind="edit"`, InstructPix2Pix) pipeline and move it to the device."""
+    or instruction-editing (`kind="edit"`, InstructPix2Pix) pipeline and move it to the device.
+
+    Hub ids load from the local cache only under HF_HUB_OFFLINE; the safety checker is dropped unless
+    `safety_checker`. Raises DeviceError (`resolve_device`) for an unusable device, ValueError for an
+    unknown scheduler, and diffusers' own errors for a model it cannot find or load."""
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
 
     dev = resolve_device(device)

@@ -78,6 +78,7 @@ def write_clip_tokenizer_files(folder: str | Path) -> Path:
 
 
 def clip_tokenizer(folder: str | Path):
+    """A transformers CLIPTokenizer (77 tokens max) on the files `write_clip_tokenizer_files` puts in `folder`."""
     from transformers import CLIPTokenizer
 
     folder = write_clip_tokenizer_files(folder)

@@ -67,7 +67,10 @@ def write_dataset_report(datasets: str | Path | Sequence[str | Path], out: str |
     """Write a static HTML report of the triplet dataset folder(s) into `out` (layout: writer.py).
 
     `rejects` adds the rejected candidates of rejects/; `workers` processes make thumbnails
-    (0: one per core). Rerunning into the same folder reuses every thumbnail already there."""
+    (0: one per core). Rerunning into the same folder reuses every thumbnail already there.
+    `thumb_size`: longest thumbnail side in pixels. Raises ReportError for no folder, `thumb_size`
+    < 16 or `chunk_size` < 1, or an unusable `out`; DatasetError naming a folder that is not a
+    dataset or a damaged file."""
     t0 = time.perf_counter()
     roots = [Path(datasets)] if isinstance(datasets, (str, Path)) else [Path(d) for d in datasets]
     if not roots:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 @dataclass
 class ReportResult:
+    """What `write_dataset_report` / `write_retrieval_report` did (`cirgen browse --json` prints `to_dict()`)."""
+
     out: Path
     rows: int
     kept: int               # triplets: kept rows; retrieval: queries with a hit in the top-k shown
@@ -21,9 +23,11 @@ class ReportResult:
 
     @property
     def index_html(self) -> Path:
+        """The report's entry page, `out/index.html`."""
         return self.out / "index.html"
 
     def to_dict(self) -> dict:
+        """JSON-ready fields plus `index_html`; paths as strings, seconds rounded to 3 decimals."""
         d = asdict(self)
         d.update(out=str(self.out), index_html=str(self.index_html), seconds=round(self.seconds, 3),
                  thumb_cpu_seconds=round(self.thumb_cpu_seconds, 3))

@@ -50,6 +50,7 @@ class RetrievalQuery:
     extra: dict[str, str] = field(default_factory=dict)  # free-form fields shown on the card
 
     def hits(self) -> list[bool]:
+        """Per result, in rank order: its `is_hit`, or when that is None whether its id is a target id."""
         targets = set(self.target_ids)
         return [r.is_hit if r.is_hit is not None else r.id in targets for r in self.results]
 
@@ -66,6 +67,8 @@ def write_retrieval_report(out_dir: str | Path, queries: Iterable[RetrievalQuery
 
     `metrics` (e.g. the harness's Recall@K / mAP@K) is charted as given; Recall@K over the
     shown results is recomputed from `is_hit` for each k in `ks` no larger than the longest list.
+    `thumb_size`: longest thumbnail side in pixels. Raises ReportError for no queries, an item that
+    is not a `RetrievalQuery`, `thumb_size` < 16 or `chunk_size` < 1, or an unusable `out_dir`.
     """
     t0 = time.perf_counter()
     queries = list(queries)

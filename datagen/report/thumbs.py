@@ -35,7 +35,8 @@ ImageSource = bytes | str | os.PathLike | None
 
 
 def read_image_source(img: ImageSource | dict) -> bytes | None:
-    """Bytes of an image given as bytes, a file path, or an HF `Image()` struct {bytes, path}."""
+    """Bytes of an image given as bytes, a file path, or an HF `Image()` struct {bytes, path}.
+    None for None or empty input; OSError for a path that cannot be read."""
     if img is None:
         return None
     if isinstance(img, dict):
@@ -89,7 +90,8 @@ def placeholder(size: int) -> bytes:
 
 
 def make_thumbnail(data: bytes, size: int) -> bytes:
-    """JPEG bytes of `data` scaled so its longest side is at most `size` (copied when it already fits)."""
+    """JPEG bytes of `data` scaled so its longest side is at most `size` pixels (copied when it already
+    fits). Raises ImageError (a ValueError) for bytes that are not a decodable image."""
     head = jpeg_size(data)
     if head and max(head[:2]) <= size and head[2] in (1, 3):  # grey or YCbCr: browsers show it as is
         return data
@@ -156,6 +158,7 @@ class ThumbCache:
             self._pool = None
 
     def key(self, data: bytes) -> str:
+        """24 hex digits: blake2b of the image bytes, personalised by `THUMB_VERSION` and the size."""
         return hashlib.blake2b(data, digest_size=12, person=self._person).hexdigest()
 
     def add(self, img: ImageSource | dict) -> str | None:

@@ -34,6 +34,7 @@ class ReportError(CirgenError, ValueError):
 
 def js_json(obj: Any) -> str:
     """JSON that is also safe to embed in HTML/JS: no raw `<`, `>`, `&`, U+2028/9, no NaN.
+    Raises ValueError for NaN/inf and TypeError for a value JSON cannot hold.
 
     Dataset text is untrusted (an LLM wrote it): escaping `<` means a caption holding
     `</script><script>...` can never close a script element, wherever this text ends up.
@@ -51,11 +52,13 @@ def clean_float(x: Any, digits: int = 4) -> float | None:
 
 
 def write_if_changed(path: Path, text: str | bytes) -> bool:
-    """Write via temp file + rename unless `path` already holds exactly this; True if written."""
+    """Write via temp file + rename unless `path` already holds exactly this; True if written.
+    Raises MachineError (an OSError) naming `path` on an OS error."""
     return write_atomic(path, text)
 
 
 def check_sizes(thumb_size: int, chunk_size: int) -> None:
+    """Raise ReportError for a thumbnail side under 16 pixels or a chunk size under 1 row."""
     if thumb_size < 16:
         raise ReportError(f"thumbnail size must be at least 16 px, got {thumb_size}")
     if chunk_size <= 0:
@@ -63,7 +66,9 @@ def check_sizes(thumb_size: int, chunk_size: int) -> None:
 
 
 def prepare_out(out: Path) -> Path:
-    """Create `out` or reopen a report folder; refuse a non-empty folder that is not a report."""
+    """Create `out` or reopen a report folder; refuse a non-empty folder that is not a report.
+    Raises ReportError for a file at `out`, a non-empty folder without report.json, or a folder
+    that cannot be created."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"{out}: exists and is not a folder")
@@ -88,11 +93,13 @@ class ChunkWriter:
         self.files_written = 0
 
     def add(self, row: dict) -> None:
+        """Queue one card row; a full chunk is written at once."""
         self.rows.append(row)
         if len(self.rows) == self.chunk_size:
             self.flush()
 
     def flush(self) -> None:
+        """Write the queued rows as the next chunk file (unless unchanged on disk); nothing if none."""
         if not self.rows:
             return
         text = f"CIRGEN_CHUNK({self.n_chunks},{js_json(self.rows)});\n"
@@ -110,6 +117,7 @@ class ChunkWriter:
 
 
 def chunk_name(k: int) -> str:
+    """File name of chunk `k`: chunk-NNNNN.js."""
     return f"chunk-{k:05d}.js"
 
 

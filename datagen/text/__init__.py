@@ -1,7 +1,8 @@
 """The text stage for real captions and the caption sources that feed it.
 
     prompt           the one prompt format (JSON chat / IP2P completion) and the one parser
-    llm              request/reply types, the LLM backend registry, the LLM edits component
+    protocol         request/reply types, the backend protocol, TextServerError
+    llm              the LLM backend registry, the LLM edits component (re-exports the protocol types)
     hf_backend       transformers (any causal LM, CPU/GPU, GGUF)      -- torch imported lazily
     vllm_backend     vLLM offline, JSON-schema structured outputs     -- vllm imported lazily
     openai_backend   OpenAI-compatible HTTP server (stdlib urllib)

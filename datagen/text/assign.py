@@ -56,15 +56,20 @@ def permute(pos: int, m: int, seed: int, epoch: int) -> int:
 
 
 class SlotAssigner:
+    """The assignment of the module docstring for a pool of `m` items; `order` "sequential" skips the
+    permutation (index = pos). Raises ValueError for an empty pool (`m` < 1)."""
+
     def __init__(self, m: int, seed: int, stride: int, order: str = "shuffled"):
         if m < 1:
             raise ValueError("cannot assign from an empty pool")
         self.m, self.seed, self.stride, self.order = m, int(seed), int(stride), order
 
     def slot(self, unit: int, j: int) -> int:
+        """The global slot of candidate `j` of work unit `unit`: unit * stride + j."""
         return unit * self.stride + j
 
     def index(self, unit: int, j: int) -> int:
+        """The pool index in [0, m) for candidate `j` of work unit `unit` (epoch, pos = divmod(slot, m))."""
         epoch, pos = divmod(self.slot(unit, j), self.m)
         if self.order == "sequential":
             return pos

@@ -24,10 +24,12 @@ _B = _rng.integers(0, 2**63, _PERMS, dtype=np.uint64)
 
 
 def word_set(text: str) -> frozenset[str]:
+    """The distinct words of `text` after `datagen.filters.normalise`."""
     return frozenset(normalise(text).split())
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:
+    """|a & b| / |a | b| in [0, 1]; 1.0 for two empty sets."""
     if not a and not b:
         return 1.0
     return len(a & b) / len(a | b)
@@ -38,6 +40,8 @@ def _token_hash(tok: str) -> int:
 
 
 def minhash(words: frozenset[str]) -> np.ndarray:
+    """MinHash signature of a word set: uint64 [64] (one min of (a * h + b) mod 2**64 per permutation,
+    h = blake2b-64 of each word); an empty set hashes as the single value 0."""
     x = np.array(sorted(_token_hash(w) for w in words) or [0], dtype=np.uint64)
     with np.errstate(over="ignore"):                 # multiply-add mod 2**64 is the point
         h = _A[:, None] * x[None, :] + _B[:, None]
@@ -45,6 +49,9 @@ def minhash(words: frozenset[str]) -> np.ndarray:
 
 
 class NearDupIndex:
+    """Kept captions, checked by exact normalised text and (`near`) word-set Jaccard >= `threshold`
+    via MinHash-LSH; `removed` counts the "exact" and "near" duplicates `add` refused."""
+
     def __init__(self, threshold: float = 0.8, near: bool = True):
         self.threshold, self.near = threshold, near
         self.exact: set[str] = set()

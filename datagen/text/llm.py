@@ -19,7 +19,8 @@ RAW_KEEP = 400   # characters of a rejected reply kept in the rejects shard, for
 
 
 def load_generator(backend: str, cfg) -> TextGenerator:
-    """The backend named `backend` for an `LLMConfig`; heavy imports happen inside the backend."""
+    """The backend named `backend` for an `LLMConfig`; heavy imports happen inside the backend.
+    Raises ValueError for a name other than transformers, vllm or openai."""
     if backend == "transformers":
         from .hf_backend import TransformersGenerator
         return TransformersGenerator(cfg)
@@ -33,11 +34,14 @@ def load_generator(backend: str, cfg) -> TextGenerator:
 
 
 def request_seed(rng: np.random.Generator) -> int:
+    """A request's sampling seed in [0, 2^31 - 1) from the candidate's rng."""
     return int(rng.integers(2**31 - 1))
 
 
 def make_request(fmt: str, seed: int, messages: list[dict], prompt: str, schema: dict,
                  stop: list[str], structured: bool = True) -> Request:
+    """A `Request` in format `fmt`: "chat" sends `messages` (with `schema` when `structured`), any
+    other format sends `prompt` with the `stop` strings."""
     if fmt == "chat":
         return Request(seed, messages=messages, schema=schema if structured else None)
     return Request(seed, prompt=prompt, stop=stop)

@@ -108,6 +108,7 @@ class ReplyCache:
         return self.root / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> Reply | None:
+        """The cached reply for `key`, or None when it is absent or unreadable."""
         try:
             d = json.loads(self._path(key).read_text())
             return Reply(text=d["text"], finish_reason=d["finish_reason"])
@@ -115,12 +116,16 @@ class ReplyCache:
             return None
 
     def put(self, key: str, reply: Reply) -> None:
+        """Store `reply`'s text and finish reason under `key` (OSError if the folder is not writable)."""
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(p, json.dumps({"text": reply.text, "finish_reason": reply.finish_reason}))
 
 
 class OpenAIGenerator:
+    """`openai` text backend: concurrent HTTP requests with retries, an optional reply cache
+    (`runtime.cache_dir`) and the API key from the `runtime.api_key_env` variable."""
+
     name = "openai"
 
     def __init__(self, cfg):
@@ -136,14 +141,18 @@ class OpenAIGenerator:
 
     @property
     def format(self) -> str:
+        """The prompt format: as configured, "chat" for `auto` (no tokenizer to ask)."""
         return "chat" if self.cfg.format == "auto" else self.cfg.format
 
     def describe(self) -> dict:
+        """Model and sampling settings recorded per triplet."""
         c = self.cfg
         return {"model": c.model, "temperature": c.temperature, "top_p": c.top_p,
                 "max_new_tokens": c.max_new_tokens}
 
     def payload(self, r: Request) -> tuple[str, dict]:
+        """(endpoint path, JSON body) of request `r`: /chat/completions (with a strict json_schema
+        `response_format` when `r.schema`) for chat requests, else /completions with the stops."""
         c = self.cfg
         body = {"model": c.model, "temperature": c.temperature, "top_p": c.top_p,
                 "max_tokens": c.max_new_tokens, "seed": r.seed, "n": 1}
@@ -164,6 +173,7 @@ class OpenAIGenerator:
 
     @staticmethod
     def cache_key(path: str, body: dict) -> str:
+        """SHA-256 hex digest of the endpoint path and the JSON body (sorted keys)."""
         return hashlib.sha256(json.dumps([path, body], sort_keys=True).encode()).hexdigest()
 
     def _post(self, path: str, body: dict) -> Reply:

@@ -66,6 +66,8 @@ CAPTION_SYSTEM = (
 
 @dataclass(frozen=True)
 class EditExample:
+    """A few-shot example of the edit task."""
+
     caption: str
     instruction: str
     edited_caption: str
@@ -73,12 +75,16 @@ class EditExample:
 
 @dataclass(frozen=True)
 class CaptionExample:
+    """A few-shot example of the caption task."""
+
     topic: str
     caption: str
 
 
 @dataclass(frozen=True)
 class Limits:
+    """Word limits of a parsed edit (`parse_edit`); longer is `text_too_long`."""
+
     max_instruction_words: int = 40
     max_caption_words: int = 77
 
@@ -93,6 +99,7 @@ class Parsed:
 
     @property
     def ok(self) -> bool:
+        """True when the reply was accepted (no reject reason)."""
         return self.reason is None
 
 
@@ -110,7 +117,9 @@ def _load_yaml_list(path: str, default: tuple[str, ...]) -> tuple[Path, list]:
 
 @lru_cache(maxsize=None)
 def load_edit_examples(path: str = "") -> tuple[EditExample, ...]:
-    """Few-shot examples; each must itself pass the parser (a bad example teaches bad output)."""
+    """Few-shot examples; each must itself pass the parser (a bad example teaches bad output).
+    `path` "" = shipped. Raises ConfigError naming the file for an unreadable file, no `examples` list,
+    an example without caption/instruction/edited_caption, or one the parser rejects."""
     file, items = _load_yaml_list(path, ("prompts", "edit_examples.yaml"))
     out = []
     for i, it in enumerate(items):
@@ -129,6 +138,8 @@ def load_edit_examples(path: str = "") -> tuple[EditExample, ...]:
 
 @lru_cache(maxsize=None)
 def load_caption_examples(path: str = "") -> tuple[CaptionExample, ...]:
+    """Few-shot examples of the caption task (`path` "" = shipped). Raises ConfigError naming the file
+    for an unreadable file, no `examples` list, or an example without topic and caption."""
     file, items = _load_yaml_list(path, ("prompts", "caption_examples.yaml"))
     try:
         return tuple(CaptionExample(str(it["topic"]).strip(), str(it["caption"]).strip()) for it in items)
@@ -145,6 +156,7 @@ def pick_examples(examples: tuple, k: int, rng: np.random.Generator) -> list:
 # ---- edit task: prompts -------------------------------------------------------------------------
 
 def edit_reply_json(ex: EditExample) -> str:
+    """The chat-format reply of an example: {"instruction": ..., "edited_caption": ...} as JSON."""
     return json.dumps({"instruction": ex.instruction, "edited_caption": ex.edited_caption})
 
 
@@ -154,6 +166,7 @@ def edit_completion(ex: EditExample) -> str:
 
 
 def edit_messages(caption: str, examples: list[EditExample]) -> list[dict]:
+    """Chat messages of the edit task: the system message, a user/assistant turn per example, the caption."""
     msgs = [{"role": "system", "content": EDIT_SYSTEM}]
     for ex in examples:
         msgs += [{"role": "user", "content": ex.caption},
@@ -163,6 +176,7 @@ def edit_messages(caption: str, examples: list[EditExample]) -> list[dict]:
 
 
 def edit_prompt(caption: str, examples: list[EditExample]) -> str:
+    """Completion prompt of the edit task in IP2P's format: the examples, then `caption + SEP_PROMPT`."""
     shots = "".join(f"{ex.caption}{SEP_PROMPT}{edit_completion(ex)}\n\n" for ex in examples)
     return f"{shots}{caption.strip()}{SEP_PROMPT}"
 
@@ -170,6 +184,7 @@ def edit_prompt(caption: str, examples: list[EditExample]) -> str:
 # ---- caption task: prompts ----------------------------------------------------------------------
 
 def caption_messages(topic: str, examples: list[CaptionExample]) -> list[dict]:
+    """Chat messages of the caption task: the system message, a turn per example, "Topic: <topic>"."""
     msgs = [{"role": "system", "content": CAPTION_SYSTEM}]
     for ex in examples:
         msgs += [{"role": "user", "content": f"Topic: {ex.topic}"},
@@ -179,6 +194,7 @@ def caption_messages(topic: str, examples: list[CaptionExample]) -> list[dict]:
 
 
 def caption_prompt(topic: str, examples: list[CaptionExample]) -> str:
+    """Completion prompt of the caption task: "Topic: ...\nCaption: ..." examples, ending in "Caption:"."""
     shots = "".join(f"Topic: {ex.topic}\nCaption: {ex.caption}\n\n" for ex in examples)
     return f"{shots}Topic: {topic.strip()}\nCaption:"
 
@@ -252,7 +268,10 @@ def _one_line(text: str) -> str | None:
 
 def parse_edit(text: str, source_caption: str, fmt: str, limits: Limits = Limits(),
                finish_reason: str = "stop") -> Parsed:
-    """Parse a reply in format `fmt` (chat: JSON; completion: IP2P) for `source_caption`."""
+    """Parse a reply in format `fmt` (chat: JSON; completion: IP2P) for `source_caption`.
+
+    Returns the whitespace-collapsed fields, or a `text_*` reject reason (module docstring); word limits
+    from `limits`. Raises ValueError for a format not in `FORMATS`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}")
     text = text or ""
@@ -296,7 +315,10 @@ def parse_edit(text: str, source_caption: str, fmt: str, limits: Limits = Limits
 
 
 def parse_caption(text: str, fmt: str, max_words: int = 77, finish_reason: str = "stop") -> Parsed:
-    """Parse an LLM-written caption (chat: {"caption": ...}; completion: the rest of the line)."""
+    """Parse an LLM-written caption (chat: {"caption": ...}; completion: the rest of the line).
+
+    Returns the caption or a `caption_*` reject reason (`caption_too_long` over `max_words` words).
+    Raises ValueError for a format not in `FORMATS`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}")
     text = text or ""

@@ -17,6 +17,8 @@ from ..base.errors import CirgenError
 
 @dataclass
 class Request:
+    """One generation request: its sampling seed, and `messages` (chat) or `prompt` (completion)."""
+
     seed: int
     messages: list[dict] | None = None     # chat format
     prompt: str | None = None              # completion format
@@ -26,6 +28,8 @@ class Request:
 
 @dataclass
 class Reply:
+    """One backend reply: the text and finish reason, or an `error` (then no text)."""
+
     text: str = ""
     finish_reason: str = "stop"            # "stop" or "length" (truncated)
     error: str | None = None               # "server_error" or "timeout": no text at all
@@ -38,11 +42,18 @@ class TextServerError(CirgenError, RuntimeError):
 
 
 class TextGenerator(Protocol):
+    """An LLM text backend (see the module docstring); `format` is "chat" or "completion"."""
+
     format: str
 
-    def generate(self, requests: list[Request]) -> list[Reply]: ...
+    def generate(self, requests: list[Request]) -> list[Reply]:
+        """One reply per request, in order; a failed request is a `Reply` with `error`. Raises
+        `TextServerError` for a failure no retry fixes (the stage stops)."""
+        ...
 
-    def describe(self) -> dict: ...
+    def describe(self) -> dict:
+        """Model and sampling settings recorded per triplet."""
+        ...
 
 
 def prompt_format(configured: str, tokenizer: Callable[[], object]) -> str:

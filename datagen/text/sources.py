@@ -8,7 +8,8 @@ undecodable line, a NUL character: a binary or UTF-16 file) either stop the run 
 duplicates removed and counted (`datagen.text.dedup`). The counts are in `Pool.report`; the
 pipeline checks every input text file with `check_text_inputs` before it writes anything and
 reports the counts in the log, the summary and stats.json (`caption_pool`). Candidates take
-captions from the pool by `datagen.text.assign` (deterministic in (seed, unit, j)); each triplet records the pool row and the pool fingerprint it came from.
+captions from the pool by `datagen.text.assign` (deterministic in (seed, unit, j)); each triplet
+records the pool row and the pool fingerprint it came from.
 
 The LLM source writes one caption per candidate about a topic (same backends and parser style
 as the edits stage); near-duplicates of earlier captions *of the same unit* are rejected as
@@ -52,6 +53,8 @@ class CaptionSourceError(CirgenError, ValueError):
 
 @dataclass(frozen=True)
 class Row:
+    """One row of a caption source as read, before cleaning; a bad row has `text` None and a `problem`."""
+
     where: str                  # "captions.csv:17" (1-based line) or "data.parquet row 16" (0-based)
     row: int                    # line number (text formats) or row index (columnar formats)
     text: str | None            # None: a bad row
@@ -60,6 +63,9 @@ class Row:
 
 @dataclass
 class Pool:
+    """The cleaned caption pool (`build_pool`): captions, their source rows, a 16-hex-digit SHA-256
+    fingerprint of the captions, and the counts."""
+
     captions: list[str]
     rows: list[int]
     fingerprint: str
@@ -192,6 +198,10 @@ def _read_hf_disk(path: Path, column: str, split: str | None) -> Iterator[Row]:
 
 def read_rows(path: str | Path, column: str = "caption", split: str | None = None,
               kind: str = "file") -> Iterator[Row]:
+    """The rows of a caption file (.txt, .csv/.tsv, .jsonl, .parquet by suffix; `column` unused for .txt)
+    or, with `kind` "hf_disk", of a `save_to_disk` dataset (`split`). Raises CaptionSourceError for a
+    missing path or an unknown suffix; while iterating, for an unreadable Parquet/dataset, a missing
+    column or split, a non-UTF-8 or malformed CSV, and OSError for an unreadable file."""
     p = Path(path)
     if not p.exists():
         raise CaptionSourceError(f"{p}: caption source not found")
@@ -333,7 +343,8 @@ def _stride(recipe) -> int:
 
 
 class PoolCaptions:
-    """captions.source file / hf_disk: each candidate takes its caption from the pool."""
+    """captions.source file / hf_disk: each candidate takes its caption from the pool.
+    `seed`: the assignment seed (default the recipe's); CaptionSourceError as `load_pool` raises it."""
 
     def __init__(self, recipe, seed: int | None = None):
         cfg = recipe.captions
@@ -375,7 +386,8 @@ def load_topics(cfg) -> list[str]:
 
 
 class LLMCaptions:
-    """captions.source llm: an LLM writes one caption per candidate about an assigned topic."""
+    """captions.source llm: an LLM writes one caption per candidate about an assigned topic.
+    `generator`: a prebuilt backend, else `captions.llm_backend`; CaptionSourceError as `load_topics` raises it."""
 
     name = "llm"
 

@@ -16,7 +16,8 @@ from .protocol import Reply, Request, prompt_format
 
 
 def structured_kwargs(schema: dict) -> dict:
-    """The SamplingParams keyword that constrains output to `schema`, for this vllm version."""
+    """The SamplingParams keyword that constrains output to `schema`, for this vllm version.
+    Raises RuntimeError when vllm has neither spelling."""
     sp = importlib.import_module("vllm.sampling_params")
     cls = getattr(sp, "StructuredOutputsParams", None)
     if cls is not None:
@@ -29,6 +30,8 @@ def structured_kwargs(schema: dict) -> dict:
 
 
 class VLLMGenerator:
+    """`vllm` text backend; the engine is built on first use (RuntimeError when vllm is not installed)."""
+
     name = "vllm"
 
     def __init__(self, cfg):
@@ -55,16 +58,20 @@ class VLLMGenerator:
 
     @property
     def format(self) -> str:
+        """The prompt format: as configured, or for `auto` from the tokenizer's chat template (builds the engine)."""
         if self._format is None:
             self._format = prompt_format(self.cfg.format, lambda: self._engine().get_tokenizer())
         return self._format
 
     def describe(self) -> dict:
+        """Model and sampling settings recorded per triplet."""
         c = self.cfg
         return {"model": c.model, "revision": c.revision, "dtype": c.dtype, "temperature": c.temperature,
                 "top_p": c.top_p, "max_new_tokens": c.max_new_tokens}
 
     def sampling_params(self, r: Request):
+        """vllm `SamplingParams` of request `r`: its seed and stops, `max_tokens` = `max_new_tokens`, the
+        JSON-schema constraint when `r.schema` (RuntimeError from `structured_kwargs` if unsupported)."""
         from vllm import SamplingParams
 
         c = self.cfg
@@ -77,6 +84,8 @@ class VLLMGenerator:
         return SamplingParams(**kw)
 
     def generate(self, requests: list[Request]) -> list[Reply]:
+        """One reply per request, in order, from one `LLM.chat` (chat) or `LLM.generate` call; an output
+        with no completion is a `server_error` reply, vllm's "length" finish a truncated one."""
         if not requests:
             return []
         llm = self._engine()

@@ -70,7 +70,8 @@ class _Gallery:
 
 def held_out_edits(scene: Scene, rng: np.random.Generator, phrases: PhraseSet, n: int,
                    tries: int = 300) -> list[Edit]:
-    """Up to `n` faithful edits of `scene` whose targets are held-out, distinct and != scene."""
+    """Up to `n` faithful edits of `scene` whose targets are held-out, distinct and != scene
+    (at most `tries` draws)."""
     edits: list[Edit] = []
     seen = {scene}
     for _ in range(tries):
@@ -98,6 +99,8 @@ def write_shapes_benchmark(out: str | Path, fmt: str = "cirr", n_queries: int = 
 
     `splits`: "val" (labelled) and/or "test" (CIRR test1 / CIRCO test: no targets in the
     annotation files, ground truth still in scenes.json). The folder appears atomically.
+    `resolution`: image side in pixels. Raises InputError for an unknown `fmt`, `n_queries` < 1 or
+    splits other than val/test, and BenchmarkExists when `out` is not empty and not `overwrite`.
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown benchmark format {fmt!r}; expected one of {FORMATS}")

@@ -57,6 +57,9 @@ def _has_duplicates(scene: Scene) -> bool:
 
 
 def apply_obj_edit(scene: Scene, obj: Obj, edit_type: str, value) -> Scene:
+    """`scene` with the object in `obj`'s cell removed, moved to cell `value` ("move"), or with its
+    colour/shape/size set to `value` ("recolor"/"reshape"/"resize"). KeyError for another edit type,
+    ValueError when a move lands on an occupied cell."""
     objs = [o for o in scene.objects if o.cell != obj.cell]
     if edit_type == "remove":
         return scene.with_objects(objs)
@@ -69,7 +72,10 @@ def apply_obj_edit(scene: Scene, obj: Obj, edit_type: str, value) -> Scene:
 def sample_edit(scene: Scene, rng: np.random.Generator, phrases: PhraseSet,
                 max_objects: int = 4, types: tuple[str, ...] | None = None,
                 exclude: tuple[str, ...] = ()) -> Edit:
-    """Draw one faithful edit of `scene` among the applicable edit types."""
+    """Draw one faithful edit of `scene` among the applicable edit types.
+
+    `types` restricts and `exclude` removes types; when none is left the edit is "background"
+    (even if excluded). The scene must hold at least one object."""
     options = [t for t in _applicable(scene, max_objects)
                if (types is None or t in types) and t not in exclude]
     if not options:
@@ -128,6 +134,7 @@ def inject_failure(edit: Edit, failure: str, rng: np.random.Generator, phrases: 
     Returns (failure label actually applied, scene shown by the target image, instruction).
     A failure that cannot apply to this edit (e.g. `wrong_object` in a one-object scene) falls
     back to `extra_change`, which always applies; the returned label says which one happened.
+    Raises ValueError for a failure not in `FAILURES`.
     """
     src, tgt = edit.source, edit.target
     if failure == "wrong_object":

@@ -17,11 +17,14 @@ PLURALS = {"cross": "crosses"}
 
 
 def plural(shape: str) -> str:
+    """Plural of a shape name ("crosses", else + "s")."""
     return PLURALS.get(shape, shape + "s")
 
 
 @dataclass(frozen=True)
 class PhraseSet:
+    """The phrase templates of one split (`load_phrases`), drawn from with the caller's rng."""
+
     split: str
     position: tuple[str, ...]
     object: tuple[str, ...]
@@ -29,9 +32,11 @@ class PhraseSet:
     edits: dict[str, tuple[str, ...]]
 
     def pos(self, cell: int, rng: np.random.Generator) -> str:
+        """A position phrase for `cell` (index into `CELLS`), e.g. "in the top left" (train set)."""
         return _pick(self.position, rng).format(cell=CELLS[cell])
 
     def describe_obj(self, obj: Obj, rng: np.random.Generator, omit: frozenset = frozenset()) -> str:
+        """A phrase for `obj`; `omit` leaves out "size", "color" and/or "position" (gaps tidied)."""
         text = _pick(self.object, rng).format(
             size="" if "size" in omit else obj.size, color="" if "color" in omit else obj.color,
             shape=obj.shape, pos="" if "position" in omit else self.pos(obj.cell, rng), cell=CELLS[obj.cell])
@@ -60,6 +65,8 @@ class PhraseSet:
         return f"{obj.color} {obj.shape} {self.pos(obj.cell, rng)}"
 
     def instruction(self, edit_type: str, slots: dict, rng: np.random.Generator) -> str:
+        """An instruction template of `edit_type` filled with `slots`; KeyError for an unknown edit type
+        or a slot the template needs that `slots` lacks."""
         return _pick(self.edits[edit_type], rng).format(**slots)
 
 
@@ -77,6 +84,9 @@ def _pick(options, rng: np.random.Generator) -> str:
 
 @lru_cache(maxsize=None)
 def load_phrases(split: str = "train", path: str | None = None) -> PhraseSet:
+    """The phrase set `split` ("train" or "heldout") of the YAML at `path` (default the shipped
+    shapes.yaml). Raises ValueError for an unknown split or a set missing an entry or an edit type
+    of `EDIT_TYPES`; OSError for an unreadable file, yaml.YAMLError for invalid YAML."""
     if split not in SPLITS:
         raise ValueError(f"unknown phrase split {split!r}; expected one of {SPLITS}")
     file = path or str(asset_path("phrases", "shapes.yaml"))

@@ -27,6 +27,8 @@ RADIUS = {"small": 0.27, "large": 0.43}
 
 @dataclass(frozen=True)
 class RenderConfig:
+    """Rendering of shapes-world images (`render`): size in pixels and the nuisance ranges."""
+
     resolution: int = 128
     jitter: float = 0.08       # max centre offset, fraction of the cell
     rotation: float = 12.0     # max rotation in degrees (a diamond stays distinct from a square)
@@ -85,7 +87,10 @@ def _draw_obj(draw: ImageDraw.ImageDraw, obj: Obj, cfg: RenderConfig, fill) -> N
 
 
 def render(scene: Scene, seed: int, cfg: RenderConfig = RenderConfig()) -> Image.Image:
-    """Render `scene` as an RGB image; the same (scene, seed, cfg) gives the same pixels."""
+    """Render `scene` as an RGB image; the same (scene, seed, cfg) gives the same pixels.
+
+    The image is `cfg.resolution` x `cfg.resolution` pixels, 3x3 cells. KeyError for a colour,
+    background, size or shape not in `RGB` / `RADIUS` / the known shapes."""
     rng = np.random.default_rng(seed)
     img = Image.new("RGB", (cfg.resolution, cfg.resolution),
                     _jitter_rgb(RGB[scene.background], rng, cfg.color_jitter))
@@ -102,7 +107,8 @@ def render(scene: Scene, seed: int, cfg: RenderConfig = RenderConfig()) -> Image
 
 
 def encode(img: Image.Image, fmt: str = "png") -> bytes:
-    """Deterministic image bytes: JPEG q95 (fast, small; IP2P ships JPEG), PNG or WebP lossless."""
+    """Deterministic image bytes: JPEG q95 (fast, small; IP2P ships JPEG), PNG or WebP lossless.
+    `fmt`: "png", "jpeg"/"jpg" or "webp"; ValueError for another."""
     buf = io.BytesIO()
     if fmt == "png":
         img.save(buf, format="PNG", compress_level=1)

@@ -28,6 +28,9 @@ MAX_OBJECTS = len(CELLS)
 
 @dataclass(frozen=True, order=True)
 class Obj:
+    """One object: shape, colour, size, grid cell (index into `CELLS`, 0-8 in reading order) and a
+    `pose` seed that rendering uses and equality ignores."""
+
     shape: str
     color: str
     size: str
@@ -40,16 +43,22 @@ class Obj:
         return (self.shape, self.color, self.size)
 
     def to_dict(self) -> dict:
+        """JSON-ready fields, the cell by its name ("top left", ...)."""
         return {"shape": self.shape, "color": self.color, "size": self.size,
                 "cell": CELLS[self.cell], "pose": self.pose}
 
     @staticmethod
     def from_dict(d: dict) -> "Obj":
+        """Inverse of `to_dict` (pose defaults to 0). KeyError for a missing field, ValueError for an
+        unknown cell name."""
         return Obj(d["shape"], d["color"], d["size"], CELLS.index(d["cell"]), int(d.get("pose", 0)))
 
 
 @dataclass(frozen=True)
 class Scene:
+    """A background and its objects, kept sorted by cell; equality and hash by `key()` (pose ignored).
+    Raises ValueError when two objects share a cell."""
+
     objects: tuple[Obj, ...]
     background: str
 
@@ -72,18 +81,22 @@ class Scene:
 
     @property
     def free_cells(self) -> list[int]:
+        """Indices of the empty cells, ascending."""
         used = {o.cell for o in self.objects}
         return [c for c in range(len(CELLS)) if c not in used]
 
     def with_objects(self, objects) -> "Scene":
+        """The same background with `objects` (ValueError when two share a cell)."""
         return replace(self, objects=tuple(objects))
 
     def to_json(self) -> str:
+        """JSON with sorted keys: background and objects (`Obj.to_dict`, poses included)."""
         return json.dumps({"background": self.background,
                            "objects": [o.to_dict() for o in self.objects]}, sort_keys=True)
 
     @staticmethod
     def from_json(text: str) -> "Scene":
+        """Inverse of `to_json`. ValueError for bad JSON or an unknown cell, KeyError for a missing field."""
         d = json.loads(text)
         return Scene(tuple(Obj.from_dict(o) for o in d["objects"]), d["background"])
 
@@ -98,6 +111,7 @@ def is_heldout(scene: Scene) -> bool:
 
 
 def random_obj(rng: np.random.Generator, cell: int) -> Obj:
+    """An object in `cell` with uniformly drawn shape, colour and size and a pose seed in [0, 2^31)."""
     return Obj(
         shape=SHAPES[rng.integers(len(SHAPES))],
         color=COLORS[rng.integers(len(COLORS))],
@@ -109,7 +123,9 @@ def random_obj(rng: np.random.Generator, cell: int) -> Obj:
 
 def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 4,
                  split: str | None = None) -> Scene:
-    """A random scene; with `split` ("train"/"heldout") only from that part of the scene space."""
+    """A random scene; with `split` ("train"/"heldout") only from that part of the scene space.
+    The object count is uniform in [min_objects, max_objects], in distinct random cells. Raises
+    ValueError unless 1 <= min_objects <= max_objects <= `MAX_OBJECTS` (9)."""
     while True:
         scene = _sample_scene(rng, min_objects, max_objects)
         if split is None or is_heldout(scene) == (split == "heldout"):
