@@ -27,6 +27,8 @@ class DataError(CirgenError, ValueError):
 
 @dataclass
 class DataConfig:
+    """The `data` section of a stage-I recipe: which image-caption source `open_source` opens."""
+
     source: Literal["shapes", "parquet", "csv", "webdataset", "hf_disk"] = "shapes"
     path: str | None = None            # file, folder or glob for the non-shapes sources
     image_root: str | None = None      # CSV: folder the image paths are relative to
@@ -70,13 +72,16 @@ class ShapesImageCaptions:
         return sample_scene(rng, 1, 4, split="train"), rng
 
     def caption(self, i: int) -> str:
+        """The caption of pair `i` (the train phrase set describing `scene(i)`)."""
         scene, rng = self._scene(i)
         return self.phrases.caption(scene, rng)
 
     def scene(self, i: int):
+        """The ground-truth scene of pair `i`: 1 to 4 objects, training partition, seeded by (seed, i)."""
         return self._scene(i)[0]
 
     def image(self, i: int) -> Image.Image:
+        """`scene(i)` rendered as an RGB image of `resolution` x `resolution` pixels."""
         from datagen.world.render import RenderConfig, render
 
         scene, _ = self._scene(i)
@@ -217,6 +222,12 @@ def _hf_disk(cfg: DataConfig) -> _TableSource:
 
 
 def open_source(cfg: DataConfig):
+    """The image-caption source `cfg.source` names (`ShapesImageCaptions` or a table source).
+
+    Raises DataError when `path` is missing for a non-shapes source, a Parquet file cannot be read, a CSV
+    lacks a column, or (with `bad_rows="error"`) a row has no image or an empty caption. Other read failures
+    (a missing CSV file, an unreadable tar, a bad HF dataset folder) propagate as the library raises them.
+    """
     if cfg.source == "shapes":
         return ShapesImageCaptions(cfg.n, cfg.seed, cfg.resolution)
     if not cfg.path:

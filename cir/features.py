@@ -51,6 +51,7 @@ SMALL_SET = 512          # images below which decoding stays in the process (a w
 
 
 def default_cache_root() -> Path:
+    """`$CIRGEN_CACHE/features`, or `~/.cache/cirgen/features` when CIRGEN_CACHE is unset."""
     return Path(os.environ.get("CIRGEN_CACHE", Path.home() / ".cache" / "cirgen")) / "features"
 
 
@@ -276,12 +277,17 @@ def _one_thread(loader):
 
 @dataclass
 class Features:
+    """One dataset's cached features as `FeatureCache.image_features` returns them (N images, D = the
+    embedding width, P visual tokens of width W each)."""
+
     global_: np.ndarray               # [N, D] float32, L2-normalised
     patch: np.ndarray | None          # [N, P, W] float16 (memmap) or None
     valid: np.ndarray                 # [N] bool
     ids: list[str]
 
     def tensors(self, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(global [B, D], patch [B, P, W] or None) as float32 CPU tensors copied out of the arrays for rows
+        `idx` (an index array or slice selecting B rows)."""
         g = torch.from_numpy(np.array(self.global_[idx], dtype=np.float32))
         p = None if self.patch is None else torch.from_numpy(np.asarray(self.patch[idx], dtype=np.float32))
         return g, p
@@ -308,6 +314,7 @@ class FeatureCache:
 
     @property
     def device(self) -> torch.device:
+        """Where the CLIP towers live (the device of its first parameter), i.e. where encoding runs."""
         return next(self.clip.clip.parameters()).device
 
     @property
@@ -330,12 +337,15 @@ class FeatureCache:
 
     def files_features(self, paths: list[Path], image: Callable[[int], object], patches: bool = False,
                        **kw) -> Features:
-        """Features of image files, keyed on their content (see `FileDigests`), not on their paths."""
+        """Features of image files, keyed on their content (see `FileDigests`), not on their paths.
+        `image(i)` decodes `paths[i]`; `kw` go to `image_features`. Raises ImageError naming a file that cannot
+        be read (while hashing), and `image_features`' errors."""
         digests = FileDigests(self.root).digests(paths)
         return self.image_features(f"files-{stable_hash(digests, 24)}", len(paths), image, digests,
                                    patches=patches, **kw)
 
     def entry(self, dataset_id: str) -> Path:
+        """The cache folder of `dataset_id` for this model: `<root>/<model_key>/<dataset_id>`."""
         return self.root / self.model_key / dataset_id
 
     @torch.no_grad()
@@ -346,7 +356,13 @@ class FeatureCache:
 
         A decode error (`ValueError`, e.g. `ImageError`/`DataError`) is raised as is, or with
         `bad_rows="skip"` the row is marked invalid (`Features.valid`). `num_workers` overrides the
-        cache's decoding processes; results do not depend on it."""
+        cache's decoding processes; results do not depend on it.
+
+        Returns `global_` [n, D] float32 L2-normalised and, with `patches`, `patch` [n, P, W] float16
+        (memory-mapped; unnormalised visual tokens, see `CIRClip.image_features`). A cached entry is used
+        when it has the same n (and patches when asked for); ValueError when its stored ids differ from `ids`.
+        Other exceptions of `image(i)` are raised whatever `bad_rows` says.
+        """
         entry = self.entry(dataset_id)
         if (entry / "meta.json").exists():
             meta = json.loads((entry / "meta.json").read_text())
@@ -429,7 +445,8 @@ class FeatureCache:
 
     @torch.no_grad()
     def text_features(self, dataset_id: str, texts: list[str], batch_size: int = 512) -> np.ndarray:
-        """Frozen caption features [N, D] (normalised), cached like image features."""
+        """Frozen caption features [N, D] float32 (L2-normalised; N = len(texts)), cached as one `.npy` in the
+        `dataset_id` entry, keyed by a hash of `texts`; written via a temp file + rename."""
         entry = self.entry(dataset_id) / f"text-{stable_hash(texts)}.npy"
         if entry.exists():
             return np.load(entry)

@@ -17,6 +17,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 class GalleryIndex:
+    """A gallery's image files and their unit-norm global features [N, D] (N images, D = the CLIP embedding
+    width), with the run model that encodes queries against them."""
+
     def __init__(self, model: RunModel, paths: list[Path], features: torch.Tensor):
         self.model, self.paths, self.features = model, paths, features
 
@@ -24,7 +27,8 @@ class GalleryIndex:
     def build(cls, run: str | Path, gallery: str | Path, model: RunModel | None = None,
               device: str = "auto") -> "GalleryIndex":
         """Index every image file under `gallery` (recursively, sorted) with the run's model loaded on
-        `device` (auto = the GPU when there is one; see `load_run`); InputError when there is none."""
+        `device` (auto = the GPU when there is one; see `load_run`). Raises InputError when `gallery` is not a
+        folder, InputNotFound when it holds no image file (by suffix), and `load_run`'s errors."""
         from datagen.base.errors import InputError
 
         gallery = Path(gallery)
@@ -39,6 +43,9 @@ class GalleryIndex:
     @torch.no_grad()
     def query(self, image: str | Path, text: str, top_k: int = 10,
               prompt: str = "a photo of * that {}") -> list[tuple[Path, float]]:
+        """The `top_k` gallery images nearest the composed query (reference `image`, modification `text` in
+        `prompt`'s `{}`; `*` is the pseudo-word), best first, as (path, cosine similarity in [-1, 1] rounded to
+        6 places). Raises PromptError when `prompt` has no placeholder (or more than one) before `{}`."""
         # The template's placeholder takes the pseudo-word; a `*` or `$` in `text` stays text.
         q = self.model.encode_queries([Path(image)], [fill_template(prompt, text)])
         scores = (q @ self.features.T)[0]

@@ -31,6 +31,9 @@ from datagen.base.io import write_atomic, write_atomic_with
 
 @dataclass
 class TrainConfig:
+    """The `train` section of a stage-I or stage-II recipe: optimiser, schedule, AMP, checkpoint and logging
+    settings of `fit`."""
+
     seed: int = 0
     epochs: int = 5
     batch_size: int = 256             # global batch (split across DDP ranks)
@@ -50,6 +53,8 @@ class TrainConfig:
     stop_after: int | None = None     # stop (as if interrupted) after this many steps; for tests
 
     def validate(self) -> None:
+        """Raise ValueError unless batch_size and epochs are >= 1, `amp` is auto, bf16 or fp32 and `betas` has
+        two numbers (`from_dict` turns it into a ConfigError). Other fields are not checked."""
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
         if self.amp not in ("auto", "bf16", "fp32"):
@@ -59,6 +64,7 @@ class TrainConfig:
 
 
 def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed group, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -120,6 +126,15 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
     on_epoch_start(epoch) runs before each epoch (e.g. hard-negative mining) and may return metrics;
     on a resume it runs again for the resumed epoch, so it must give what it gave the first time.
     train_mode(module) sets train/eval modes before each step (default: `module.train()`).
+
+    Learning rate: linear warmup over `warmup_steps` (lr * (step + 1) / warmup_steps), then cosine decay to 0
+    over the remaining steps, as open_clip's `cosine_lr`. Each epoch's order is a permutation seeded by
+    (seed, epoch). With fewer items than `batch_size`, the batch becomes every item (rounded down to a
+    multiple of the world size). Returns the last step's record (step, epoch, loss, lr, grad_norm, the
+    loss_fn metrics; `stopped: True` when `stop_after` ended it). Raises InputError when `batch_size` is not
+    divisible by the world size or there are fewer items than ranks; ValueError when a resumed checkpoint
+    has keys `module` does not; MachineError when a checkpoint (or, on resume, the trimmed metrics file)
+    cannot be written.
     """
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm

@@ -62,6 +62,9 @@ TRANSAGG_ID_WIDTH = 7          # TransAgg names images f"{str(id).zfill(7)}.png"
 
 @dataclass
 class TripletsConfig:
+    """The `triplets` section of a stage-II recipe: which triplet set `load_triplets` reads and how it is
+    subsampled and filtered (see the module docstring)."""
+
     format: Literal["cirgen", "transagg", "cirr", "synthtriplets18m"] = "cirgen"
     path: str | None = None            # dataset folder (cirgen), JSON file, or shards (synthtriplets18m)
     image_root: str | None = None      # transagg: image folder; cirr: CIRR root (see module docstring)
@@ -75,6 +78,9 @@ class TripletsConfig:
 
 @dataclass
 class Triplets:
+    """Training triplets as `load_triplets` returns them: parallel per-triplet lists (images as bytes or
+    paths, decoded only by `image`), the feature-cache `dataset_id`, and the skipped / filtered-out counts."""
+
     ids: list[str]
     reference: list            # bytes or Path per triplet
     target: list
@@ -89,6 +95,8 @@ class Triplets:
         return len(self.ids)
 
     def image(self, i: int, which: str) -> Image.Image:
+        """The RGB image of triplet `i`: its reference when `which == "ref"`, else its target.
+        Raises DataError naming the triplet's file and row when the image cannot be read."""
         data = self.reference[i] if which == "ref" else self.target[i]
         return open_image(data if isinstance(data, (bytes, Path)) else Path(data), f"{self.where[i]} ({which})")
 

@@ -23,6 +23,9 @@ from PIL import Image
 
 @dataclass
 class ViewsConfig:
+    """The `views` section of a stage-I recipe: the cached augmented views per image (TSCIR's reference and
+    target crops), used by stage I (`cir.stage1`) to make the views whose features it caches."""
+
     augment: bool = True              # false: both views are the image itself (logged)
     reference: int = 2                # cached reference views per image
     target: int = 2                   # cached target views per image
@@ -31,6 +34,8 @@ class ViewsConfig:
     reference_flip: bool = True       # horizontal flip, p = 0.5 (reference view only, as released)
 
     def validate(self) -> None:
+        """Raise ValueError unless both view counts are >= 1 and each scale is [low, high] with
+        0 < low <= high <= 1 (`from_dict` turns it into a ConfigError)."""
         if self.reference < 1 or self.target < 1:
             raise ValueError("views.reference and views.target must be >= 1")
         for name in ("reference_scale", "target_scale"):

@@ -42,7 +42,12 @@ def criterion_scores(columns: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
 
 
 def load_scores(root: str | Path, rejects: bool = True) -> tuple[dict[str, np.ndarray], list[str | None]]:
-    """(criterion scores, failure labels) of every scored row of a dataset (kept and rejected)."""
+    """(criterion scores, failure labels) of every scored row of a dataset (kept and rejected).
+
+    Scores are float64 [n] per criterion (raw CLIP cosines, NaN where a row lacks that score), for the n rows
+    with at least one CLIP score; labels are the rows' `failure` (None = clean). A dataset with no rows gives
+    `({}, [])`. Raises DatasetError (via `TripletReader`) for a damaged or incomplete dataset.
+    """
     import pyarrow as pa
 
     from .schema import TripletReader
@@ -85,7 +90,9 @@ def filter_report(scores: Mapping[str, np.ndarray], failures: Sequence[str | Non
 
     precision = rejected failures / rejected; recall = rejected failures / failures;
     clean_kept = kept clean / clean; kept_failure_rate = failures among kept / kept.
-    Also per failure type (share removed) and per criterion alone.
+    Also per failure type (share removed) and per criterion alone. Rates are fractions in [0, 1] rounded
+    to 4 places, None when the denominator is 0. `scores[crit]` are [n] arrays aligned with `failures`;
+    a criterion with a null threshold or no scores is not applied.
     """
     n = len(failures)
     failed = np.array([f is not None for f in failures], bool)
@@ -126,7 +133,8 @@ def calibrate(scores: Mapping[str, np.ndarray], failures: Sequence[str | None],
     Each criterion's candidates: off, or the clean scores' quantile q for q in
     linspace(0, 1 - target, steps + 1) (q = 0 is the lowest clean score: it removes only failures
     scoring below every clean triplet). Exhaustive over the grid; ties go to more clean kept, then
-    to fewer active criteria. Returns {"thresholds", "report", "searched"}.
+    to fewer active criteria. Returns {"thresholds", "report", "searched"}. Raises ValueError when
+    `target_clean_keep` is not in (0, 1] or there is no clean (unlabelled) triplet.
     """
     if not 0.0 < target_clean_keep <= 1.0:
         raise ValueError(f"target_clean_keep must be in (0, 1], got {target_clean_keep}")

@@ -28,7 +28,8 @@ class ShapesCaptions:
 
 def build_captions(recipe: GenRecipe, seed: int | None = None):
     """The caption source of the recipe. `seed` (the run's seed; default: the recipe's) keys
-    which pool caption or topic each candidate gets (datagen.text.assign)."""
+    which pool caption or topic each candidate gets (datagen.text.assign). Raises ValueError for an
+    unknown `captions.source`."""
     source = recipe.captions.source
     if source == "shapes":
         return ShapesCaptions(recipe)

@@ -33,7 +33,8 @@ def to_pil(image: ImageLike) -> Image.Image:
     """Encoded bytes (any PIL format), a PIL image or an HxWx3 uint8 array -> RGB PIL image.
 
     Bytes go through the project's image loader (`datagen.base.images.open_image`: EXIF
-    orientation, 16-bit, transparency on white; `ImageError` when unreadable)."""
+    orientation, 16-bit, transparency on white; `ImageError` when unreadable). An HF `Image()` cell
+    (a dict with `bytes`) is read the same way; any other type raises TypeError."""
     from datagen.base.images import open_image, to_rgb
 
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -54,7 +55,8 @@ def _broadcast(texts: str | Sequence[str], n: int) -> list[str]:
 
 
 class ClipScorer:
-    """Batched, no-grad CLIP similarities on one model; every method returns float32 numpy."""
+    """Batched, no-grad CLIP similarities on one model. The similarity methods and `image_features` return
+    float32 numpy; `encode_images` / `encode_texts` return torch tensors on the scorer's device."""
 
     def __init__(self, clip, batch_size: int = 64):
         import torch
@@ -68,6 +70,9 @@ class ClipScorer:
     @classmethod
     def load(cls, name: str, pretrained: str | None = None, device: str = "auto",
              batch_size: int = 64, random_init: bool = False) -> "ClipScorer":
+        """A scorer on `load_clip(name, pretrained, device)` (`device`: a recipe device name, `auto` resolved).
+        `random_init`: random weights from torch seed 0, without touching the caller's RNG. Raises DeviceError for
+        an unusable device and `load_clip`'s errors (InputNotFound, InputError, MachineError) for bad weights."""
         _guard_forked_openmp()
         import torch
 
@@ -89,7 +94,8 @@ class ClipScorer:
     # ------------------------------------------------------------------ features (L2-normalised)
 
     def encode_images(self, images: Sequence[ImageLike]):
-        """[n, d] float32 unit vectors on the scorer's device."""
+        """[n, d] float32 unit vectors (torch) on the scorer's device; n images, d = CLIP embedding width.
+        Raises ImageError for unreadable image bytes."""
         torch = self._torch
         out = []
         with torch.no_grad():
@@ -101,7 +107,8 @@ class ClipScorer:
         return torch.cat(out) if out else torch.zeros(0, self._dim(), device=self.device)
 
     def encode_texts(self, texts: Sequence[str]):
-        """[n, d] float32 unit vectors; each distinct string is encoded once per call."""
+        """[n, d] float32 unit vectors (torch) on the scorer's device; each distinct string is encoded once
+        per call."""
         torch = self._torch
         uniq = list(dict.fromkeys(texts))
         feats = []
@@ -118,7 +125,8 @@ class ClipScorer:
         return table[torch.tensor([where[t] for t in texts], device=self.device)]
 
     def image_features(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """[n, d] float32 unit vectors as numpy (e.g. a gallery to cache)."""
+        """[n, d] float32 unit vectors as numpy (e.g. a gallery to cache); `images` must not be empty
+        (an empty list raises ValueError in the reshape)."""
         return self._np(self.encode_images(images)).reshape(len(images), -1)
 
     def _dim(self) -> int:
@@ -142,20 +150,23 @@ class ClipScorer:
         return x.detach().float().cpu().numpy().astype(np.float32)
 
     def image_image(self, a: Sequence[ImageLike], b: Sequence[ImageLike]) -> np.ndarray:
-        """cos(E(a_i), E(b_i)) row by row."""
+        """cos(E(a_i), E(b_i)) row by row: [n] float32 cosine similarities in [-1, 1].
+        Raises ValueError when `a` and `b` differ in length."""
         _check_len(a, b)
         with record_threads(self.device):
             return self._np(self._rowcos(self.encode_images(a), self.encode_images(b)))
 
     def image_text(self, images: Sequence[ImageLike], texts: str | Sequence[str]) -> np.ndarray:
-        """cos(E(image_i), E(text_i)) row by row (a single string is paired with every image)."""
+        """cos(E(image_i), E(text_i)) row by row (a single string is paired with every image): [n] float32
+        cosines in [-1, 1]. Raises ValueError when `texts` is a list of another length."""
         texts = _broadcast(texts, len(images))
         _check_len(images, texts)
         with record_threads(self.device):
             return self._np(self._rowcos(self.encode_images(images), self.encode_texts(texts)))
 
     def text_text(self, a: str | Sequence[str], b: Sequence[str]) -> np.ndarray:
-        """cos(E(a_i), E(b_i)) row by row, e.g. CompoDiff's keyword similarity band."""
+        """cos(E(a_i), E(b_i)) row by row, e.g. CompoDiff's keyword similarity band: [n] float32 cosines
+        in [-1, 1]. Raises ValueError when `a` is a list of another length than `b`."""
         a = _broadcast(a, len(b))
         _check_len(a, b)
         with record_threads(self.device):
@@ -167,6 +178,9 @@ class ClipScorer:
 
         Captions may be single strings (shared by all rows): the best-of-k case, k samples of one
         prompt pair. Ranking k samples by this score is what IP2P's `--max-out-samples` does.
+        Returns [n] float32 cosines in [-1, 1] (0 when either difference is zero). Source: directional CLIP
+        similarity of StyleGAN-NADA (Gal et al., 2022), as used by InstructPix2Pix (Brooks et al., 2023).
+        Raises ValueError when the inputs differ in length.
         """
         n = len(ref_images)
         src, tgt = _broadcast(src_captions, n), _broadcast(tgt_captions, n)
@@ -182,6 +196,8 @@ class ClipScorer:
 
         Keys: img_img, img_cap_ref (reference vs source caption), img_cap_tgt (target vs target
         caption), dir, and instr_tgt (instruction vs target image, CompoDiff) when `instructions`.
+        Each value is [n] float32 cosine similarities in [-1, 1]. Raises ValueError when the four required
+        sequences differ in length.
         """
         _check_len(ref_images, tgt_images, src_captions, tgt_captions)
         with record_threads(self.device):
@@ -249,6 +265,7 @@ def shared_scorer(name: str, pretrained: str | None = None, device: str = "auto"
     """The process's one scorer for this model (the CLIP filter and best-of-k share it).
 
     The first caller's `batch_size` stays: chunking is part of what a score's last bits depend on.
+    Keyed by (process id, name, pretrained, resolved device, random_init). Raises `ClipScorer.load`'s errors.
     """
     dev = str(resolve_device(device))
     key = (os.getpid(), name, pretrained, dev, random_init)

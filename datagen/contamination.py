@@ -6,7 +6,8 @@ A gallery is any folder of images, searched recursively (so CIRCO's `unlabeled20
 `cache_dir`, or ~/.cache/cirgen/contamination when the gallery is read-only), keyed by the folder's
 listing (absolute folder; per file: relative path, inode, size, mtime, ctime), the image loader
 version and the hash settings: any added, removed, replaced or rewritten image (ctime changes even
-when size and mtime are restored), or another copy of the gallery, makes a new key. Concurrent workers compute a gallery once: the first takes a file lock.
+when size and mtime are restored), or another copy of the gallery, makes a new key. Concurrent
+workers compute a gallery once: the first takes a file lock.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ CONTAMINATED = "contaminated"
 
 
 def gallery_files(folder: str | Path) -> list[Path]:
+    """The image files under `folder` (recursively, by suffix in `IMAGE_SUFFIXES`, case-insensitive), sorted,
+    skipping anything inside a `.cirgen-cache/`. Raises FileNotFoundError when `folder` is not a directory."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: benchmark gallery folder not found")
@@ -38,6 +41,9 @@ def gallery_files(folder: str | Path) -> list[Path]:
 
 
 def listing_key(folder: Path, files: list[Path], extra: dict) -> str:
+    """20 hex digits of SHA-256 over `CACHE_VERSION`, the image loader version, `folder`, `extra` (the hash
+    settings) and each file's relative path, inode, size, mtime and ctime (ns). `files` must lie under `folder`
+    (else ValueError); a file that vanished raises FileNotFoundError."""
     from .base.images import LOADER_VERSION
 
     h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "loader": LOADER_VERSION, "folder": str(folder),
@@ -80,6 +86,8 @@ def _cached(path: Path, compute) -> dict:
 
 @dataclass
 class Gallery:
+    """One benchmark gallery as `load_gallery` returns it: its files, their pHashes and optional CLIP features."""
+
     folder: Path
     files: list[str]               # paths relative to the folder
     hashes: np.ndarray             # [n, words] uint64
@@ -88,7 +96,12 @@ class Gallery:
 
 def load_gallery(folder: str | Path, channels: str = "gray", cache_dir: str | None = None,
                  scorer=None) -> Gallery:
-    """The gallery's pHashes (and CLIP features when `scorer` is given), from the cache if fresh."""
+    """The gallery's pHashes (and CLIP features when `scorer` is given), from the cache if fresh.
+
+    `channels` is the pHash mode (`gray`: one uint64 word per image, `rgb`: three); features are computed 256 images
+    at a time with `scorer.image_features` and stored as float16 [n, d] (shape [0, 1] for an empty gallery).
+    Raises FileNotFoundError when `folder` is not a directory; cache write errors propagate as OSError.
+    """
     folder = Path(folder).resolve()
     files = gallery_files(folder)
     rel = [str(p.relative_to(folder)) for p in files]
@@ -111,7 +124,11 @@ def load_gallery(folder: str | Path, channels: str = "gray", cache_dir: str | No
 
 class ContaminationFilter:
     """Rejects `contaminated` candidates: reference or target within `max_distance` pHash bits of a
-    gallery image (or, with `clip_threshold`, at CLIP cosine >= it). Stores the nearest distance."""
+    gallery image (or, with `clip_threshold`, at CLIP cosine >= it). Stores the nearest distance.
+
+    Galleries load at the first batch; a missing gallery folder raises ConfigError then. With no gallery
+    images at all, `score_contamination_phash` is null and every candidate passes.
+    """
 
     name = "contamination"
 
@@ -127,6 +144,8 @@ class ContaminationFilter:
 
     @classmethod
     def from_recipe(cls, recipe, scorer_factory=None) -> "ContaminationFilter":
+        """The filter configured by `recipe.filters.contamination`; `scorer_factory` builds the CLIP scorer
+        (needed only when `clip_threshold` is set). Galleries are read lazily, at the first batch."""
         c = recipe.filters.contamination
         return cls(c.galleries, c.max_distance, c.channels, c.cache_dir, c.clip_threshold, scorer_factory)
 

@@ -101,6 +101,7 @@ class DedupeFilter:
 
     @classmethod
     def from_recipe(cls, recipe) -> "DedupeFilter":
+        """The filter configured by `recipe.filters.dedupe` (max_distance, match, channels)."""
         c = recipe.filters.dedupe
         return cls(c.max_distance, c.match, c.channels)
 
@@ -111,7 +112,12 @@ class DedupeFilter:
             self._ref = self._tgt = self._ref[:0]
 
     def distance(self, ref: np.ndarray, tgt: np.ndarray) -> int | None:
-        """The distance the rule compares with `max_distance` (None: nothing to compare with)."""
+        """The distance the rule compares with `max_distance`, in Hamming bits (None: nothing to compare with).
+
+        `ref`, `tgt`: [words] uint64 pHashes. `match="pair"`: per earlier kept triplet the larger of the
+        reference-reference and target-target distances, minimised over triplets; otherwise the smallest
+        distance of either image to any earlier kept reference or target (`match="either"`).
+        """
         if len(self._ref) == 0:
             return None
         d_ref, d_tgt = hamming(ref[None], self._ref), hamming(tgt[None], self._tgt)

@@ -18,6 +18,10 @@ _MAX_TRIES = 16
 
 
 class RulesSceneEditor:
+    """The `rules` edit backend: samples an edit of each candidate's ground-truth scene (up to 16 tries for a
+    target outside the held-out partition), writes the instruction and target caption, and injects a labelled
+    failure at the recipe's `quality.failure_rates`."""
+
     name = "rules"
 
     def __init__(self, recipe: GenRecipe):
@@ -62,6 +66,8 @@ def build_edits(recipe: GenRecipe):
     transformers  any causal LM through transformers (CPU/GPU)
     vllm          offline batched vLLM with JSON-schema output (the `vllm` extra)
     openai        any OpenAI-compatible server, e.g. `vllm serve`
+
+    Raises ConfigError for `rules` without `captions.source: shapes`, ValueError for an unknown backend.
     """
     backend = recipe.edits.backend
     if backend == "rules":

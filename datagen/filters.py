@@ -40,6 +40,9 @@ class TextFilter:
         self.max_words = recipe.filters.text.max_words
 
     def check(self, c: Candidate) -> str | None:
+        """The reject reason for `c`, or None: `text_empty` (no words in the modification text, or an empty
+        target caption), `text_too_long` (more than `filters.text.max_words` whitespace-separated words) or
+        `text_noop` (target caption equals the source caption after `normalise`)."""
         words = c.modification_text.split()
         if not words:
             return "text_empty"
@@ -76,8 +79,9 @@ def clip_thresholds(recipe: GenRecipe) -> ClipThresholds:
 
 class ClipFilter:
     """IP2P's CLIP filter: image-image, image-caption (both images) and directional similarity,
-    plus CompoDiff's instruction-vs-target score when asked. Pass = score >= threshold; a null
-    threshold stores the score without a pass column. Reject reason: `clip_<first failed>`.
+    plus CompoDiff's instruction-vs-target score when asked. Pass = score >= threshold (raw cosines in
+    [-1, 1], compared in float32); a null threshold stores the score without a pass column. Reject reason:
+    `clip_<first failed>`. Source: InstructPix2Pix (Brooks et al., 2023) section 3.1.
 
     The scorer is built at the first batch (in the worker process that uses it) and shared with
     anything else in that process that asks `shared_scorer` for the same model (best-of-k)."""
@@ -95,6 +99,8 @@ class ClipFilter:
 
     @property
     def scorer(self):
+        """The scorer given at construction, else the process's shared one (`load_scorer`, built on first use;
+        raises ConfigError when CLIP cannot load)."""
         if self._scorer is None:
             self._scorer = load_scorer(self.cfg)
         return self._scorer
@@ -125,7 +131,11 @@ class ClipFilter:
 
 
 def load_scorer(cfg: ClipFilterConfig) -> "ClipScorer":
-    """The process's shared scorer for `filters.clip`, with a clear error when it cannot load."""
+    """The process's shared scorer for `filters.clip`, with a clear error when it cannot load.
+
+    Raises ConfigError when loading fails with RuntimeError, OSError or ValueError (which includes cirgen's
+    InputError, InputNotFound, MachineError and DeviceError), naming the model and `pretrained`.
+    """
     from .base.clip_loader import SHAPES_CLIP, shipped_weights
     from .clip_scores import shared_scorer
     from .base.config import ConfigError

@@ -17,6 +17,7 @@ class ShapesImages:
 
     @staticmethod
     def check(recipe: GenRecipe) -> None:
+        """Raise ConfigError unless `captions.source` is `shapes` and `edits.backend` is `rules`."""
         if recipe.captions.source != "shapes" or recipe.edits.backend != "rules":
             from .base.config import ConfigError
 
@@ -60,6 +61,7 @@ def build_images(recipe: GenRecipe, scorer=None, **components):
     `scorer` (an object with `directional(ref_images, tgt_images, src_captions, tgt_captions)`)
     ranks the `samples_per_prompt` samples of the diffusers backends; `components` are prebuilt
     pipelines (`pipe=`, and `edit_pipe=` for diffusers-edit) used instead of loading the models.
+    Raises ConfigError when `shapes` is combined with non-shapes captions/edits, KeyError for an unknown backend.
     """
     backend = recipe.images.backend
     if backend == "shapes":

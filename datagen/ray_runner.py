@@ -38,7 +38,8 @@ def model_devices(recipe: GenRecipe) -> list[tuple[str, str]]:
 def gpus_per_worker(recipe: GenRecipe, cluster_gpus: float) -> float:
     """GPUs each actor asks Ray for: 1 when a model stage names `cuda`/`cuda:N` (or is vLLM), or
     says `auto` on a cluster that has GPUs; else 0 (`auto` on a CPU-only cluster is the CPU).
-    Raises DeviceError when a stage names CUDA and the cluster has no GPU (Ray would wait forever)."""
+    Raises DeviceError when a stage names CUDA and the cluster has no GPU (Ray would wait forever), or
+    when a stage's device is not a valid device name."""
     devices = [(f, check_device_name(d)) for f, d in model_devices(recipe)]
     explicit = [(f, d) for f, d in devices if d.startswith("cuda")]
     if explicit and cluster_gpus < 1:
@@ -66,7 +67,13 @@ class _UnitActor:
 def run_units_ray(recipe: GenRecipe, seed: int, out: Path, todo: list[tuple[int, int]], address: str,
                   workers: int | None, on_unit_done: Callable[[int], None],
                   log: Callable[[str], None] = print) -> None:
-    """Run `todo` units on Ray: `address` "local" starts a local instance, else it is joined."""
+    """Run `todo` units on Ray: `address` "local" starts a local instance, else it is joined.
+
+    `todo`: (unit, count) pairs; `workers`: actor pool size (default: the cluster's GPUs when the stages need
+    one, else its CPUs; never more than the units). `on_unit_done` is called with each finished unit's kept
+    count. Raises PipelineError when ray is not installed, DeviceError from `gpus_per_worker`, and whatever
+    a unit raises inside an actor (as Ray re-raises it). A Ray instance this call started is shut down after.
+    """
     try:
         import ray
         import ray.data

@@ -65,7 +65,9 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_temp_files(out: Path) -> int:
     """Remove temp files that killed runs left behind; return how many. A temp file of a live
-    process (another `--shard` run writing into this folder) is left alone."""
+    process (another `--shard` run writing into this folder) is left alone, unless it is older than
+    `STALE_TEMP_SECONDS` (3600 s). Looks in `out`, `out/shards` and `out/rejects`. MachineError naming the
+    file when the OS refuses a removal."""
     n = 0
     now = time.time()
     for sub in (out, out / "shards", out / "rejects"):
@@ -286,7 +288,9 @@ def open_dataset(out: Path, recipe: GenRecipe, seed: int, n: int, recipe_path: s
 
 def set_target(out: Path, recipe: GenRecipe, seed: int, n: int) -> dict:
     """Raise the dataset's target to `n` in run.json (under the folder lock, rechecked: another
-    run may have changed it meanwhile); return the new content."""
+    run may have changed it meanwhile); return the new content. Raises StoreError for a dataset of
+    another recipe or seed, or when another run raised the target above `n`; DatasetError for a damaged
+    run.json; MachineError when run.json cannot be written."""
     run_path = out / "run.json"
     with _folder_lock(out):
         run = read_run_json(run_path)
@@ -427,6 +431,14 @@ def _scene_json(scene) -> str | None:
 
 
 def to_table(cands: list[Candidate], schema: pa.Schema, unit_size: int, quality: str, kept: bool) -> pa.Table:
+    """The rows of `cands` as an Arrow table of `schema` (`datagen.schema.build_schema`).
+
+    `index` is `unit * unit_size + k` (k: position in `cands`) for kept rows and -1 for rejects; images are
+    HF `Image()` structs (`bytes`, `path` null); scenes are JSON (null outside the shapes world); `generator`
+    is JSON with sorted keys; a stage that did not run has 0.0 seconds; a score or pass column the candidate
+    has no value for is null. Raises KeyError when `schema` lacks a core column, and pyarrow's errors when a
+    value does not fit its column type.
+    """
     rows: dict[str, list] = {f.name: [] for f in schema}
     for k, c in enumerate(cands):
         rows["id"].append(c.id)

@@ -44,6 +44,7 @@ class Stages:
 
     @property
     def schema(self):
+        """The shard's Arrow schema: the fixed columns plus every filter's `score_*` and `pass_*` columns."""
         scores = [c for f in self.filters for c in f.score_columns]
         passes = [c for f in self.filters for c in f.pass_columns]
         return build_schema(scores, passes)
@@ -81,7 +82,12 @@ class _LazyScorer:
 
 def run_unit(recipe: GenRecipe, seed: int, unit: int, count: int, out: Path,
              stages: Stages | None = None) -> UnitStats:
-    """Generate unit `unit` until it holds `count` kept triplets; write rejects, then the shard."""
+    """Generate unit `unit` until it holds `count` kept triplets; write rejects, then the shard.
+
+    Candidates are drawn in batches of at most `pipeline.batch_size`, never more than the unit still needs.
+    Raises PipelineError after `MAX_CANDIDATES_PER_KEPT * count` candidates without enough kept, StoreError
+    when the existing shard holds more than `count` rows, MachineError when a file cannot be written.
+    """
     stages = stages or Stages(recipe, seed)
     kept: list[Candidate] = []
     rejected: list[Candidate] = []

@@ -30,6 +30,8 @@ TOKEN_INIT_STD = 0.02
 
 @dataclass
 class LoadedClip:
+    """What `load_clip` returns: the model (eval mode, on the requested device), its transforms and tokenizer."""
+
     model: "object"                 # open_clip.CLIP
     preprocess: Callable            # PIL image -> tensor (eval transform)
     tokenizer: Callable             # list[str] -> LongTensor [n, context_length]
@@ -55,6 +57,8 @@ def _register_shapes_config() -> None:
 
 
 def init_token_table(vocab_size: int, width: int, seed: int):
+    """The initial token table, float32 [vocab_size, width]: N(0, `TOKEN_INIT_STD`=0.02) drawn from a CPU
+    `torch.Generator` seeded with `seed` (how shapes-CLIP training initialised it), reproducible exactly."""
     import torch
 
     g = torch.Generator().manual_seed(int(seed))
@@ -62,7 +66,13 @@ def init_token_table(vocab_size: int, width: int, seed: int):
 
 
 def compact_state_dict(state: dict, token_init_seed: int, dtype=None) -> tuple[dict, dict]:
-    """Split the token table into (trained rows, their ids); return (tensors, metadata)."""
+    """Split the token table into (trained rows, their ids); return (tensors, metadata).
+
+    `state["token_embedding.weight"]` [vocab, width] becomes `token_embedding.rows` int64 [k] (rows differing
+    from `init_token_table(vocab, width, token_init_seed)`) and `token_embedding.values` [k, width]; all tensors
+    move to CPU, floating ones cast to `dtype` when given. Metadata values are strings (safetensors metadata).
+    Raises KeyError when `state` has no `token_embedding.weight`.
+    """
     import torch
 
     table = state["token_embedding.weight"].detach().float().cpu()
@@ -79,6 +89,9 @@ def compact_state_dict(state: dict, token_init_seed: int, dtype=None) -> tuple[d
 
 
 def expand_state_dict(tensors: dict, meta: dict) -> dict:
+    """Inverse of `compact_state_dict`: rebuild `token_embedding.weight` [vocab_size, width] from the seed in
+    `meta` plus the stored rows, and cast floating tensors to float32. A full (non-compact) state dict is
+    returned unchanged. Raises KeyError when compact tensors come without `vocab_size`/`token_init_seed`."""
     if "token_embedding.rows" not in tensors:
         return tensors
     values = tensors["token_embedding.values"].float()
@@ -91,8 +104,9 @@ def expand_state_dict(tensors: dict, meta: dict) -> dict:
 
 
 def file_hash(path: str | Path) -> str:
-    """Content hash of a file; remembered per (path, inode, size, mtime, ctime), since study keys
-    ask for the hash of the same (possibly GB-sized) weights file once per cell."""
+    """Content hash of a file (first 16 hex digits of SHA-256); remembered per (path, inode, size, mtime,
+    ctime), since study keys ask for the hash of the same (possibly GB-sized) weights file once per cell.
+    Raises OSError (e.g. FileNotFoundError) when `path` cannot be read."""
     st = Path(path).stat()
     return _file_hash(str(Path(path).resolve()), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
@@ -107,7 +121,13 @@ def _file_hash(path: str, version: tuple) -> str:
 
 
 def load_weights_file(model, path: str | Path) -> None:
-    """Load a safetensors (compact or full) or weights-only torch checkpoint into `model`."""
+    """Load a safetensors (compact or full) or weights-only torch checkpoint into `model`.
+
+    A `state_dict` entry of a checkpoint dict is used when present, and `module.` prefixes are dropped.
+    Raises MachineError when the file cannot be read (OS error); InputError when it is not a readable
+    safetensors file / weights-only checkpoint, not a state dict, or its keys or shapes do not match `model`
+    (the message names the first mismatch and the counts).
+    """
     import torch
 
     path = Path(path)
@@ -149,6 +169,8 @@ def load_weights_file(model, path: str | Path) -> None:
 
 
 def shipped_weights() -> Path:
+    """Path of the shipped shapes-CLIP weights, `assets/shapes_clip/shapes-clip.safetensors`;
+    FileNotFoundError when they are not shipped."""
     from .assets import asset_path
 
     return asset_path("shapes_clip", "shapes-clip.safetensors")
@@ -202,6 +224,11 @@ def load_clip(name: str = SHAPES_CLIP, pretrained: str | None = None, device: st
     - `shapes-clip`: the shipped offline weights (or `pretrained` = a local weights file).
     - any open_clip architecture with `pretrained` = a tag (may download) or a local file.
     - `random_init=True`: the architecture with random weights (tests, benchmarks).
+
+    Local weights and random weights are built on CPU with torch seed 0 (so every process builds the same
+    random model), then moved to `device` in eval mode. Raises InputNotFound when `pretrained` looks like a
+    path (has a `/` or a weights suffix, not `hf-hub:`) but does not exist; `load_weights_file`'s errors
+    (InputError, MachineError) for a bad local file; open_clip's own errors for an unknown name or tag.
     """
     import open_clip
 

@@ -101,10 +101,14 @@ def at_least(lo: float, default: Any) -> Any:
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
-    """Build dataclass `cls` from `data` (nested dataclasses, lists, dicts, Literals, Optionals).
+    """Build dataclass `cls` from `data`; unknown keys are errors.
 
-    Errors: `ConfigError` naming the dotted key for an unknown key, a value of the wrong type, a
-    value below its field's `at_least` bound, or a failed `validate()` of the class."""
+    Values are coerced to the field types (nested dataclasses, lists, tuples, dicts, Literals, numbers; a
+    float given as text such as `1e-8` is read as a number; a bool for a str field becomes "on"/"off"), then
+    the object's `validate()` runs if it has one. Raises ConfigError naming the dotted key `where.name` for an
+    unknown key, a wrong type, an empty (None) non-optional value, a value below its field's `at_least`
+    bound, a missing required field, or a ValueError from `validate()`.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
@@ -132,11 +136,17 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
 
 
 def to_dict(obj) -> dict:
+    """Dataclass `obj` as plain JSON types (nested dicts and lists; tuples become lists) via a JSON round trip.
+    Raises TypeError when a field holds something JSON cannot encode."""
     return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place; returns `data`.
+
+    Missing or null sections on the path are created. Raises ConfigError when an item has no `=`, the value
+    is not valid YAML, or a part of the path names a value that is not a section.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
@@ -158,6 +168,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The YAML mapping in file `path`. Raises ConfigError when the file cannot be read, is malformed YAML
+    (with the line when known), or its top level is not a mapping."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -175,5 +187,7 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def stable_hash(data: Any, length: int = 16) -> str:
+    """First `length` hex digits of SHA-256 over `data` as canonical JSON (sorted keys, no spaces, `str()` for
+    non-JSON values)."""
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]

@@ -32,7 +32,8 @@ def check_device_name(name: object) -> str:
 
 def wants_cuda(name: str) -> bool:
     """Whether running on `name` needs a CUDA GPU on this machine: an explicit `cuda`/`cuda:N`,
-    or `auto` where torch sees one (without torch installed, `auto` is the CPU)."""
+    or `auto` where torch sees one (without torch installed, `auto` is the CPU). Raises DeviceError
+    for a name `check_device_name` rejects."""
     check_device_name(name)
     if name.startswith("cuda"):
         return True

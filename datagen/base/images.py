@@ -7,8 +7,9 @@ generation filters, dedupe, the contamination check, report thumbnails) goes thr
 - EXIF orientation is applied (`PIL.ImageOps.exif_transpose`): a phone photo stored sideways
   with an Orientation tag is upright, as every viewer shows it;
 - 16-bit and 32-bit greyscale (PNG, TIFF: PIL modes `I;16*`, `I`) is scaled to 8 bits
-  (v / 257), not clipped (PIL's own `convert` turns anything above 255 white); float (`F`) images
-  in [0, 1] are scaled by 255, others clipped to [0, 255];
+  (v / 257; a 32-bit image with values above 65535 by max / 255), not clipped (PIL's own
+  `convert` turns anything above 255 white); float (`F`) images in [0, 1] are scaled by 255,
+  others clipped to [0, 255];
 - palette (with or without transparency), greyscale+alpha, RGBA and CMYK become RGB; transparent
   pixels are composited on white (what a viewer on a white page shows), not on black;
 - a truncated file is an error: the file is decoded in full (`load()`), and PIL raises on missing
@@ -106,7 +107,8 @@ def looks_truncated(path: str | os.PathLike) -> bool:
 
     Reads 16 bytes at each end (microseconds): a download cut short loses the end marker. It can
     err towards True (a JPEG with data after its end marker, such as a phone's motion photo), so a
-    True is a reason to decode the file in full, not a verdict. Other formats: False.
+    True is a reason to decode the file in full, not a verdict. Other formats: False. An unreadable
+    or missing file raises OSError (FileNotFoundError, PermissionError).
     """
     p = Path(path)
     with open(p, "rb") as f:

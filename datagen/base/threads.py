@@ -22,7 +22,8 @@ RECORD_THREADS = 1
 @contextmanager
 def record_threads(device: object = "cpu") -> Iterator[None]:
     """Run the block with torch on `RECORD_THREADS` intra-op threads when `device` is the CPU
-    (a `torch.device` or a name such as "cpu", "cuda:0"); restore the previous count after."""
+    (a `torch.device` or a name such as "cpu", "cuda:0"); restore the previous count after. Any device
+    whose name does not start with "cpu" (including an unresolved "auto") leaves the count alone."""
     if not str(device).startswith("cpu"):
         yield
         return
