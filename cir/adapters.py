@@ -23,6 +23,9 @@ from .blocks import check_block_spec, resolve_blocks
 
 @dataclass
 class ComposeConfig:
+    """Stage II's composer: which module (`mode`) on which text blocks; the stage II recipe's
+    `compose` section, stored in a run's `model.json` and built by `Composer`."""
+
     mode: str = "low-rank"            # low-rank (TSCIR) | bottleneck | lora | full
     layers: list[int] | str = "every-other"    # see cir/blocks.py
     rank: int = 128                   # low-rank adapter rank (released: 128)
@@ -32,6 +35,8 @@ class ComposeConfig:
     lora_alpha: float = 16.0
 
     def validate(self) -> None:
+        """Check `mode`, `rank >= 1` and the `layers` spec (`check_block_spec`); ValueError
+        otherwise. The bottleneck and LoRA sizes are not checked."""
         if self.mode not in ("low-rank", "bottleneck", "lora", "full"):
             raise ValueError(f"mode: {self.mode!r} is not one of low-rank, bottleneck, lora, full")
         if self.rank < 1:
@@ -48,10 +53,14 @@ class LowRankAdapter(nn.Module):
         self.B = nn.Parameter(torch.randn(rank, width) * init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, W] hidden states -> x + x A B, [B, L, W] (A, B cast to x's dtype)."""
         return x + (x @ self.A.to(x.dtype)) @ self.B.to(x.dtype)
 
 
 class BottleneckAdapter(nn.Module):
+    """cirgen's first design: h -> h + up(GELU(down(LN(h)))) on every position, [B, L, W] ->
+    [B, L, W], hidden width `bottleneck`; `up` is zero-initialised, so it starts as the identity."""
+
     def __init__(self, width: int, bottleneck: int):
         super().__init__()
         self.ln = nn.LayerNorm(width)
@@ -62,11 +71,15 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, W] -> [B, L, W]."""
         return x + self.up(self.act(self.down(self.ln(x))))
 
 
 class LoRADelta(nn.Module):
-    """Parametrisation W -> W + (alpha/r) B A with B = 0 at init."""
+    """Parametrisation W -> W + (alpha/r) B A with B = 0 at init (LoRA, Hu et al., 2021, section 4.1).
+
+    W: [out_f, in_f]; A: [r, in_f] drawn N(0, 1) / r; B: [out_f, r] zeros, so training starts
+    from the frozen weight."""
 
     def __init__(self, out_f: int, in_f: int, rank: int, alpha: float):
         super().__init__()
@@ -75,6 +88,7 @@ class LoRADelta(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """w: the frozen weight [out_f, in_f] -> w + (alpha/r) B A, same shape and dtype."""
         return w + self.scale * (self.B @ self.A).to(w.dtype)
 
 
@@ -111,5 +125,8 @@ class Composer(nn.Module):
                                 and n != "logit_scale" and "logit_bias" not in n]
 
     def hook(self, i: int, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Block hook for `CIRClip.encode_text`: after block i, x [B, L, W] goes through block i's
+        adapter (`low-rank`, `bottleneck`) or is returned unchanged (other blocks; `lora` acts
+        through the parametrised weights, `full` through the tower itself). `ctx` is unused."""
         a = self.adapters[str(i)] if str(i) in self.adapters else None
         return x if a is None else a(x)

@@ -51,11 +51,16 @@ class CIRClip(nn.Module):
     @classmethod
     def load(cls, name: str = "shapes-clip", pretrained: str | None = None, device: str = "cpu",
              random_init: bool = False) -> "CIRClip":
+        """Load CLIP `name` with `datagen.base.clip_loader.load_clip` (`pretrained`: a local file or
+        an open_clip tag, None = the default; `random_init`: seeded random weights) onto `device`.
+        Errors: InputNotFound for a weights path that does not exist; ValueError for a model
+        without open_clip's built-in text tower."""
         return cls(load_clip(name, pretrained, device, random_init=random_init))
 
     # ------------------------------------------------------------------ dims
     @property
     def text_width(self) -> int:
+        """Width W of the text tower (token embeddings and hidden states)."""
         return self.clip.token_embedding.weight.shape[1]
 
     @property
@@ -75,18 +80,22 @@ class CIRClip(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Dimension D of the joint embedding space (the text projection's output)."""
         proj = self.clip.text_projection
         return proj.weight.shape[0] if isinstance(proj, nn.Linear) else proj.shape[1]
 
     @property
     def context_length(self) -> int:
+        """Text context length in tokens, SOT and EOT included."""
         return self.clip.context_length
 
     @property
     def logit_scale(self) -> torch.Tensor:
+        """CLIP's learnt logit scale exp(t) = 1/T, a detached 0-d tensor (cosines are multiplied by it)."""
         return self.clip.logit_scale.exp().detach()
 
     def freeze(self) -> "CIRClip":
+        """Stop gradients to every CLIP weight and put CLIP in eval mode; returns self."""
         self.clip.requires_grad_(False)
         self.clip.eval()
         return self
@@ -95,6 +104,9 @@ class CIRClip(nn.Module):
     def image_features(self, images: torch.Tensor, patches: bool = False):
         """Projected global embedding [B, D] (not normalised) and, on request, visual tokens
         [B, P, vision_width], CLS excluded, in row-major grid order.
+
+        images: [B, 3, H, W] preprocessed pixels. Returns the [B, D] tensor alone when `patches`
+        is False, else the pair.
 
         ViT: every patch token after ln_post and the visual projection (TSCIR's `get_tokens`,
         `model/model.py`: for ViT-L/14 at 224 px, P = 256 tokens of 768). ModifiedResNet (shapes-CLIP,
@@ -184,6 +196,8 @@ class CIRClip(nn.Module):
         truncate: run only up to the longest prompt's EOT. Exact in arithmetic (causal mask), but
                matrix shapes change the float summation order, so features can differ from the
                full-length pass by ~1e-7 relative; `truncate=False` reproduces open_clip bitwise.
+        D is `embed_dim`; L2-normalised when `normalize`.
+        Errors: ValueError when `pseudo` comes without `placeholder_index`.
         """
         m = self.clip
         mask = m.attn_mask

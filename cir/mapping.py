@@ -17,6 +17,9 @@ from .blocks import check_block_spec, resolve_blocks
 
 @dataclass
 class MappingConfig:
+    """Stage I's mapping: the token learner and Visual Semantic Injection; the stage I recipe's
+    `mapping` section, stored in a run's `model.json` and built by `Mapping`."""
+
     n_tokens: int = 1                 # pseudo-word tokens per image (TSCIR: 1)
     token_hidden: int | None = 512    # token learner hidden width (Pic2Word/TSCIR: 512); null = 4 x embed dim
     activation: str = "relu"          # token learner activation: relu (Pic2Word/TSCIR) | gelu
@@ -33,6 +36,9 @@ class MappingConfig:
             self.vsi = "tscir" if self.vsi else "off"
 
     def validate(self) -> None:
+        """Check `n_tokens >= 1`, `activation`, `vsi`, `token_hidden >= 1` (or null), the
+        `vsi_layers` spec and, for `vsi: tscir`, that `vsi_heads` divides `vsi_width`; ValueError
+        otherwise."""
         if self.n_tokens < 1:
             raise ValueError("n_tokens must be >= 1")
         if self.activation not in ("gelu", "relu"):
@@ -76,6 +82,7 @@ class TokenLearner(nn.Module):
         self.out = nn.Linear(h, cfg.n_tokens * text_width)
 
     def forward(self, image_embed: torch.Tensor) -> torch.Tensor:
+        """image_embed: [B, D] CLIP image embeddings -> [B, n_tokens, W] pseudo-word embeddings."""
         return self.out(self.mlp(image_embed)).view(-1, self.n_tokens, self.text_width)
 
 
@@ -98,6 +105,7 @@ class CrossAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(d)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, q_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [Lq, B, d]; kv: [Lk, B, d]; q_pos: [Lq, B, d] (or broadcastable) or None -> [Lq, B, d]."""
         a = self.attn(q if q_pos is None else q + q_pos, kv, kv, need_weights=False)[0]
         return self.norm(q + self.dropout_out(self.linear2(self.dropout(self.act(self.linear1(a))))))
 
@@ -126,6 +134,10 @@ class TSCIRInjector(nn.Module):
             *MLP(d, w, 1, cfg.dropout), nn.Linear(w, w), nn.Dropout(cfg.dropout))
 
     def forward(self, h_ph: torch.Tensor, h_eot: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """h_ph, h_eot: [B, W]; visual: [B, P, W] -> the vector to add, [B, W].
+
+        The grid is H = floor(sqrt(P)) rows of P / H tokens (16 x 16 for ViT-L/14 at 224 px).
+        Errors: ValueError when P is not H x (P // H), e.g. visual tokens that include CLS."""
         b, p, w = visual.shape
         gh = int(p ** 0.5)
         if gh * (p // gh) != p:
@@ -141,7 +153,8 @@ class TSCIRInjector(nn.Module):
 
 class GatedInjector(nn.Module):
     """cirgen's first VSI design: h <- h + tanh(g) * XAttn(LN(h), LN(V)) at the pseudo-token
-    positions, g = 0 at init (so training starts from the plain mapping). Returns the new x."""
+    positions, g = 0 at init (so training starts from the plain mapping). Returns the new x.
+    Every block listed in `vsi_layers` gets one (recipe: `vsi: gated, vsi_layers: all`)."""
 
     def __init__(self, text_width: int, heads: int):
         super().__init__()
@@ -151,6 +164,8 @@ class GatedInjector(nn.Module):
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, visual: torch.Tensor, is_ph: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, W] hidden states; visual: [B, P, W] visual tokens at the text width; is_ph:
+        [B, L] bool pseudo-token positions -> [B, L, W]; only the is_ph positions change."""
         kv = self.ln_kv(visual)
         out = self.attn(self.ln_q(x), kv, kv, need_weights=False)[0]
         return x + torch.tanh(self.gate) * out * is_ph[..., None].to(out.dtype)
@@ -175,7 +190,11 @@ class VSI(nn.Module):
             self.blocks = nn.ModuleDict({str(j): GatedInjector(text_width, cfg.vsi_heads) for j in self.layers})
 
     def hook(self, visual: torch.Tensor):
-        """visual: [B, P, vision_width] -> hook(i, x [B, L, W], ctx) -> x."""
+        """visual: [B, P, vision_width] reference visual tokens (projected to the text width once,
+        here) -> hook(i, x [B, L, W], ctx) -> x [B, L, W] for `CIRClip.encode_text`.
+
+        Blocks without an injector return x unchanged. `tscir` reads ctx `placeholder_index`,
+        `eot_index` and `n_pseudo`; `gated` reads `placeholder_mask`."""
         projected = self.proj(visual.to(self.proj.weight.dtype))
 
         def run(i: int, x: torch.Tensor, ctx: dict) -> torch.Tensor:

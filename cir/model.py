@@ -32,6 +32,9 @@ DEFAULT_PROMPT = "a photo of *"          # stage I prompt and the map query of s
 
 
 class CIRModel(nn.Module):
+    """Frozen CLIP + the stage I `Mapping` + an optional stage II `Composer`: what a run folder
+    holds. `clip_spec` (`name`, `pretrained`, ...) is what `model.json` records to reload CLIP."""
+
     def __init__(self, clip: CIRClip, mapping_cfg: MappingConfig, compose_cfg: ComposeConfig | None = None,
                  clip_spec: dict | None = None):
         super().__init__()
@@ -44,10 +47,12 @@ class CIRModel(nn.Module):
 
     @property
     def n_tokens(self) -> int:
+        """Pseudo-word tokens per image (`MappingConfig.n_tokens`)."""
         return self.mapping.cfg.n_tokens
 
     @property
     def uses_patches(self) -> bool:
+        """Whether queries need the reference images' visual tokens (the model has VSI)."""
         return self.mapping.vsi is not None
 
     @property
@@ -56,6 +61,7 @@ class CIRModel(nn.Module):
         return next(self.mapping.parameters()).device
 
     def add_composer(self, cfg: ComposeConfig) -> None:
+        """Attach a new stage II `Composer` built from `cfg` on this model's CLIP text tower."""
         self.composer = Composer(self.clip.clip, cfg)
 
     def encode_query(self, image_global: torch.Tensor, patches: torch.Tensor | None,
@@ -68,7 +74,9 @@ class CIRModel(nn.Module):
         `QueryPrompt` (or a template string without `{}`, e.g. `a photo of *`) per row.
         Features may be on any device (the feature cache gives CPU tensors): they are moved to
         the model's (`device`), and so is the result.
-        Errors: `PromptError` naming `where[i]` when a placeholder falls outside the context."""
+        D is CLIP's embedding dimension (`CIRClip.embed_dim`).
+        Errors: `PromptError` naming `where[i]` when a placeholder falls outside the context;
+        ValueError when the model has VSI and `patches` is None."""
         clip = self.clip
         dev = self.device
         tokens, ph_index = clip.tokenize_queries(prompts, self.n_tokens, where)   # CPU; encode_text moves them
@@ -84,6 +92,8 @@ class CIRModel(nn.Module):
 
     # ------------------------------------------------------------ persistence
     def trained_state(self) -> dict[str, torch.Tensor]:
+        """The weights a run saves, as detached contiguous CPU tensors: `mapping.*`, and
+        `composer.*` (low-rank, bottleneck, lora) or, for `full`, the text tower's `clip.*`."""
         state = {f"mapping.{k}": v for k, v in self.mapping.state_dict().items()}
         if self.composer is not None:
             if self.composer.cfg.mode == "full":
@@ -95,6 +105,9 @@ class CIRModel(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def save(self, run: str | Path, extra: dict | None = None) -> Path:
+        """Write `run/model.safetensors` (`trained_state`) and `run/model.json` (format, CLIP spec
+        and weights id, mapping and composer configs, plus `extra`), each atomically; the folder is
+        created. Returns `run`. Errors: MachineError naming the file when a write fails."""
         from safetensors.torch import save_file
 
         run = Path(run)
@@ -108,6 +121,11 @@ class CIRModel(nn.Module):
         return run
 
     def load_trained(self, path: str | Path) -> None:
+        """Load a `model.safetensors` written by `save` into this model (built with the same configs).
+
+        Errors: InputError for a key this configuration does not have, or a tensor whose shape
+        differs; a `mapping.*` or `composer.*` key missing from the file is torch's RuntimeError
+        (strict `load_state_dict`). `clip.*` keys (full fine-tuning) load non-strictly."""
         from safetensors.torch import load_file
 
         state = load_file(str(path))
@@ -132,8 +150,10 @@ class CIRModel(nn.Module):
 def load_run(path: str | Path, device: "str | torch.device" = "auto", use_composer: bool = True) -> "RunModel":
     """Rebuild the trained model of run folder `path` on `device` (a name for
     `datagen.base.device.resolve_device`: auto = the GPU when there is one; an explicit `cuda`
-    this machine lacks is a `DeviceError`). Errors: ConfigError for a folder that is not a run
-    of this format."""
+    this machine lacks is a `DeviceError`). `use_composer=False` evaluates the stage I model.
+    Errors: InputNotFound when `path` has no `model.json`; ConfigError when its format is not
+    `MODEL_FORMAT` or a config in it is invalid; InputError when CLIP loads other weights than the
+    run was trained on, or (`load_trained`) the weights do not fit the configuration."""
     from datagen.base.device import resolve_device
     from datagen.base.config import ConfigError, from_dict
 
@@ -188,13 +208,18 @@ class RunModel:
 
     @torch.no_grad()
     def encode_images(self, paths: list[Path]) -> torch.Tensor:
+        """[N, D] float32 L2-normalised CLIP image embeddings of `paths` on the CPU, from the
+        feature cache (keyed on file content). Errors: the loader's ValueError (e.g. `ImageError`)
+        naming a file that cannot be read or decoded."""
         f = self._features(paths, patches=False)
         return torch.from_numpy(f.global_.copy())
 
     @torch.no_grad()
     def encode_queries(self, ref_paths: list[Path], prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """[Q, D] float32 composed-query features on the CPU (beside `encode_images`'); each batch
-        of cached reference features goes to the model's device for the text pass."""
+        """[Q, D] float32 L2-normalised composed-query features on the CPU (beside
+        `encode_images`'), one per (reference path, prompt); `batch_size` queries per text pass.
+        Each batch of cached reference features goes to the model's device for the text pass.
+        Errors: as `encode_images` and `CIRModel.encode_query`."""
         f = self._features(ref_paths, patches=self.model.uses_patches)
         out = []
         for s in range(0, len(prompts), batch_size):

@@ -22,7 +22,7 @@ PLACEHOLDERS = ("*", "$")           # a template may use either (first one found
 
 
 class PromptError(CirgenError, ValueError):
-    """A template without exactly one placeholder outside its `{}` field, or a prompt whose
+    """A template without exactly one placeholder before its `{}` field, or a prompt whose
     placeholder does not fit in the text context."""
 
 
@@ -40,7 +40,8 @@ class QueryPrompt:
 
 def split_template(template: str) -> tuple[str, str]:
     """`a photo of * that {}` -> (`a photo of `, ` that {}`). Errors: `PromptError` when the template
-    has no placeholder, or more than one, outside `{}`."""
+    has no placeholder, or more than one, before its `{}` field (the whole template when it has
+    none; a placeholder after the field stays text)."""
     field = template.find("{}")
     head = template if field < 0 else template[:field]
     found = [(head.find(p), p) for p in PLACEHOLDERS if p in head]
@@ -55,7 +56,8 @@ def split_template(template: str) -> tuple[str, str]:
 
 def fill_template(template: str, text: str | None = None) -> QueryPrompt:
     """A QueryPrompt from a template and (optionally) the text for its `{}` field. The text is
-    inserted verbatim (`{`, `}`, `*`, `$` in it stay text)."""
+    inserted verbatim (`{`, `}`, `*`, `$` in it stay text). Errors: `PromptError` from
+    `split_template`, or when the template has a `{}` field and `text` is None."""
     prefix, suffix = split_template(template)
     if "{}" in suffix:
         if text is None:
@@ -66,5 +68,6 @@ def fill_template(template: str, text: str | None = None) -> QueryPrompt:
 
 
 def as_query_prompts(prompts) -> list[QueryPrompt]:
-    """Accept QueryPrompts, or template strings without a `{}` field (`a photo of *`)."""
+    """Accept QueryPrompts, or template strings without a `{}` field (`a photo of *`).
+    Errors: `PromptError` for a string that is not such a template."""
     return [p if isinstance(p, QueryPrompt) else fill_template(p) for p in prompts]

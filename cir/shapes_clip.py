@@ -54,12 +54,16 @@ class Phase:
     neg_captions: list[str] | None = None
 
     def validate(self) -> None:
+        """Check steps > 0, lr > 0 and 0 <= warmup < steps; ValueError otherwise."""
         if self.steps <= 0 or self.lr <= 0 or not 0 <= self.warmup < self.steps:
             raise ValueError(f"a phase needs steps > 0, lr > 0 and 0 <= warmup < steps (got {self})")
 
 
 @dataclass
 class PretrainConfig:
+    """shapes-CLIP pre-training (`pretrain`): schedule, data options and runtime knobs; the
+    `pretrain-clip` recipes in recipes/train/ (`load_pretrain_recipe`)."""
+
     seed: int = 0
     steps: int = 6000
     batch_size: int = 128
@@ -91,15 +95,19 @@ class PretrainConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        """Check `schedule_steps >= steps` when set; ValueError otherwise (each `Phase` validates
+        itself when the recipe is read)."""
         if self.schedule_steps is not None and self.schedule_steps < self.steps:
             raise ValueError(f"schedule_steps ({self.schedule_steps}) must be >= steps ({self.steps})")
 
     @property
     def total_steps(self) -> int:
+        """Steps of the whole schedule: `steps` plus every phase's."""
         return self.steps + sum(p.steps for p in self.phases)
 
     def phase_at(self, step: int) -> tuple[int, int]:
-        """(phase index, step within it); phase 0 is the first `steps` steps."""
+        """(phase index, step within it); phase 0 is the first `steps` steps.
+        Errors: IndexError for a step at or past `total_steps`."""
         if step < self.steps:
             return 0, step
         i = step - self.steps
@@ -232,8 +240,12 @@ def build_model(seed: int, arch: str = SHAPES_CLIP):
 
 
 def contrastive_loss(img, txt, scale, neg=None):
-    """open_clip's symmetric InfoNCE; with `neg`, image->text also ranks each image's hard negative
-    caption (all negatives of the batch are candidates for every image)."""
+    """open_clip's symmetric InfoNCE (CLIP, Radford et al., 2021); with `neg`, image->text also
+    ranks each image's hard negative caption (all negatives of the batch are candidates for every
+    image; NegCLIP-style, text->image is unchanged).
+
+    img, txt: [B, D] normalised, row i a pair; neg: [B, D] normalised or None; scale: the logit
+    scale (1/T). Returns a scalar (nats)."""
     labels = torch.arange(len(img), device=img.device)
     texts = txt if neg is None else torch.cat([txt, neg])
     i2t = scale * img @ texts.T
@@ -268,7 +280,10 @@ def _lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
-    """Train shapes-CLIP into `out/` (resumable: rerun with the same config to continue)."""
+    """Train shapes-CLIP into `out/` (resumable: rerun with the same config to continue); returns
+    the exported safetensors file (`shapes-clip-step<N>.safetensors` after an early stop).
+    Errors: InputError when `out` holds a run with another config (runtime knobs aside);
+    DeviceError for a device this machine lacks."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -387,7 +402,9 @@ PROBE_ATTRS = ("color", "shape", "size", "position", "count", "background")
 
 def evaluate(clip: LoadedClip, n_scenes: int = 1000, seed: int = 12345, split: str = "heldout",
              max_objects: int = 4) -> dict:
-    """Text->image retrieval (description-level top-1 / R@5) and per-attribute zero-shot probes."""
+    """Text->image retrieval (description-level top-1 / R@5) and per-attribute zero-shot probes,
+    on `n_scenes` held-out scenes; every score is a fraction in [0, 1] (not percent), rounded to 4
+    places."""
     rng = np.random.default_rng(seed)
     phrases = load_phrases(split)
     scenes = [sample_scene(rng, 1, max_objects, split="heldout") for _ in range(n_scenes)]
@@ -423,7 +440,9 @@ def evaluate(clip: LoadedClip, n_scenes: int = 1000, seed: int = 12345, split: s
 
 
 def pair_similarities(clip: LoadedClip, n_pairs: int = 500, seed: int = 777) -> dict:
-    """Image-image similarity of faithful edit pairs vs re-sampled pairs; directional similarity."""
+    """Image-image similarity of faithful edit pairs vs re-sampled pairs; directional similarity.
+    Cosine similarities in [-1, 1] (mean, std, 5th and 95th percentiles); `separation_auc` is the
+    fraction of (faithful, re-sampled) pairs in which the faithful pair scores higher."""
     rng = np.random.default_rng(seed)
     phrases = load_phrases("heldout")
     src, tgt, rnd, cs, ct = [], [], [], [], []
@@ -453,6 +472,9 @@ def pair_similarities(clip: LoadedClip, n_pairs: int = 500, seed: int = 777) -> 
 
 
 def load_pretrain_recipe(name_or_path: str = "shapes-clip", overrides: list[str] | None = None) -> PretrainConfig:
+    """A `PretrainConfig` from a recipe name in recipes/train/ or a path, with `key=value`
+    overrides. Errors: ConfigError naming the file for a missing recipe, a `kind` other than
+    `pretrain-clip`, or an invalid value."""
     from datagen.base.config import ConfigError, apply_overrides, from_dict, read_yaml
     from datagen.base.recipes import resolve_recipe_path
 

@@ -36,6 +36,8 @@ STUDY_METRICS = ("R@1", "R@5", "R@10", "R@50")
 
 @dataclass
 class Tier:
+    """One quality tier of a study: a generation recipe, its overrides and stage II row conditions."""
+
     name: str
     gen: str                                   # a recipe in recipes/gen/ or a path
     overrides: list[str] = field(default_factory=list)
@@ -44,6 +46,8 @@ class Tier:
 
 @dataclass
 class StageSpec:
+    """A training recipe (name or path) and its overrides, for the study's stage I or stage II."""
+
     recipe: str
     overrides: list[str] = field(default_factory=list)
 
@@ -61,6 +65,7 @@ class BenchSpec:
     protocol: list[str] = field(default_factory=list)   # protocol overrides, e.g. [template=pic2word]
 
     def validate(self) -> None:
+        """Check `format` (cirr or circo) and that `root` and `dataset` come together; ValueError otherwise."""
         if self.format not in ("cirr", "circo"):
             raise ValueError(f"format: {self.format!r} is not cirr or circo")
         if bool(self.root) != bool(self.dataset):
@@ -68,11 +73,14 @@ class BenchSpec:
 
     @property
     def name(self) -> str:
+        """The dataset name the harness evaluates (`dataset`, or `shapes-<format>`)."""
         return self.dataset or f"shapes-{self.format}"
 
 
 @dataclass
 class StudyRecipe(RecipeProse):
+    """A data-efficiency study (`Study`): the grid (quantities x tiers x seeds), the stage recipes
+    and the benchmark; a recipe in recipes/study/ (`load_study_recipe`)."""
     kind: str = "study"
     name: str = "study"
     gen_seed: int = 0
@@ -89,6 +97,8 @@ class StudyRecipe(RecipeProse):
     device: str = "auto"
 
     def validate(self) -> None:
+        """Check kind, at least one tier (unique names), positive quantities, at least one seed,
+        `primary_metric` and the device name; ValueError (DeviceError for the device) otherwise."""
         if self.kind != "study":
             raise ValueError("kind must be 'study'")
         if not self.tiers:
@@ -108,17 +118,22 @@ class StudyRecipe(RecipeProse):
 
 
 def load_study_recipe(name_or_path: str = "shapes", overrides: list[str] | None = None) -> StudyRecipe:
+    """A `StudyRecipe` from a name in recipes/study/ or a path, with `key=value` overrides.
+    Errors: ConfigError naming the file for a missing recipe or an invalid value."""
     return load_recipe(StudyRecipe, name_or_path, "study", overrides)
 
 
 @dataclass
 class Cell:
+    """One point of the grid: a tier, a triplet count and a seed (tier None: the stage I row)."""
+
     tier: Tier | None          # None: the stage-I row (0 triplets)
     quantity: int
     seed: int
 
     @property
     def name(self) -> str:
+        """Folder name under `cells/`: `stage1` or `<tier>-n<quantity>-s<seed>`."""
         return "stage1" if self.tier is None else f"{self.tier.name}-n{self.quantity}-s{self.seed}"
 
 
@@ -214,6 +229,7 @@ class Study:
         return stable_hash({**base, "gen": self._gen_key(cell.tier), "stage2": s2})
 
     def cells(self) -> list[Cell]:
+        """The stage I row, then every (tier, quantity ascending, seed) cell."""
         out = [Cell(None, 0, 0)]
         for tier in self.r.tiers:
             for q in sorted(self.r.quantities):
@@ -223,6 +239,9 @@ class Study:
 
     # --- steps
     def generate(self, tier: Tier) -> dict:
+        """Generate `tier`'s triplets once, at the largest quantity, into `data/<tier>/` (skipped
+        when done by this configuration); returns the dataset's stats. Errors: ConfigError when
+        generation keeps fewer triplets than the largest quantity."""
         from datagen.pipeline import generate
 
         folder = self.out / "data" / tier.name
@@ -241,6 +260,7 @@ class Study:
         return stats
 
     def stage1(self) -> Path:
+        """Train (or resume) the shared stage I run in `stage1/` unless done; returns the folder."""
         from cir.stage1 import run_stage1
 
         folder = self.out / "stage1"
@@ -255,6 +275,8 @@ class Study:
         return folder
 
     def benchmark(self) -> Path:
+        """The benchmark folder: `benchmark.root` as given, or the shapes benchmark written to
+        `bench/` (unless done by this configuration)."""
         from datagen.world.benchmark import write_shapes_benchmark
 
         if self.r.benchmark.root:
@@ -270,6 +292,10 @@ class Study:
         return folder
 
     def run_cell(self, cell: Cell, stage1: Path, bench: Path, gen_stats: dict) -> dict:
+        """Train stage II for `cell` (none for the stage I row), evaluate it and write
+        `cells/<cell>/metrics.json`; returns that row (metrics in percent, `gen_seconds` and
+        `train_seconds` in seconds). Skipped when done by this configuration. Errors: ConfigError
+        when stage II trained on another number of triplets than the cell's."""
         from cir.eval.baselines import resolve_model
         from cir.eval.harness import EvalOptions, evaluate
         from cir.eval.protocol import build_protocol
@@ -312,6 +338,9 @@ class Study:
         return row
 
     def run(self) -> dict:
+        """Do whatever is missing (data, stage I, benchmark, cells) and rebuild the results when
+        anything changed; returns {cells, work_done, files}. Errors: DeviceError, before any work,
+        for a device this machine lacks; the steps' errors."""
         from datagen.base.device import resolve_device
 
         resolve_device(self.r.device)        # a GPU this machine lacks: an error before hours of generation
@@ -387,6 +416,9 @@ def write_results(rows: list[dict], out: Path, metric: str, recipe_hash: str) ->
 
 
 def plot(summary: list[dict], folder: Path, metric: str) -> list[Path]:
+    """`metric` (percent, mean over seeds with std error bars) against triplet count and against
+    generation seconds, one line per tier and the stage I level dashed, log x axis; writes two
+    PNGs into `folder` and returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -63,7 +63,9 @@ def targetpad(img, target_ratio: float = 1.25):
 
 
 class ClipBaseline:
-    """A zero-shot baseline on a loaded CLIP (`datagen.base.clip_loader.LoadedClip`)."""
+    """A zero-shot baseline on a loaded CLIP (`datagen.base.clip_loader.LoadedClip`).
+    `preprocess`: `clip` or SEARLE's `targetpad` (with `target_ratio`). Errors: ValueError for an
+    unknown `mode`."""
 
     def __init__(self, clip, mode: Mode, preprocess: str = "clip", target_ratio: float = 1.25,
                  batch_size: int = 64, device: str = "cpu"):
@@ -100,6 +102,9 @@ class ClipBaseline:
 
     @torch.no_grad()
     def encode_images(self, paths: list[Path]) -> torch.Tensor:
+        """[N, D] float32 L2-normalised image embeddings on the CPU, cached in memory per file
+        version; no paths give a [0, 0] tensor. Errors: `ImageError` naming a file that cannot be
+        read."""
         from ..features import decoded_batches, default_decode_workers
 
         keys = [self._key(Path(p)) for p in paths]
@@ -119,6 +124,8 @@ class ClipBaseline:
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """[N, D] float32 L2-normalised text embeddings on the CPU (open_clip's tokenizer, cut to
+        its context), 256 texts per pass. `texts` must not be empty (torch.cat raises RuntimeError)."""
         feats = []
         for s in range(0, len(texts), 256):
             tokens = self.clip.tokenizer(texts[s:s + 256]).to(self.device)
@@ -126,6 +133,9 @@ class ClipBaseline:
         return torch.cat(feats)
 
     def encode_queries(self, ref_paths: list[Path], prompts: list[str]) -> torch.Tensor:
+        """[Q, D] float32 L2-normalised query features on the CPU, one per (reference, prompt):
+        `image-only` the reference's, `text-only` the prompt without its placeholder, `sum`
+        normalise(image + modification text) (see the module docstring)."""
         if self.mode == "image-only":
             return self.encode_images(ref_paths)
         if self.mode == "text-only":
@@ -143,6 +153,9 @@ def resolve_model(spec: str, clip_name: str = "shapes-clip", weights: str | None
     shipped shapes-CLIP); "random" = random initialisation (smoke tests).
     `device`: where the model runs (`resolve_device`: auto = the GPU when there is one; an
     explicit cuda this machine lacks is a `DeviceError`).
+    Errors: EvalError when the baseline's CLIP weights file is missing, for `preprocess` other
+    than `clip` with a trained run, or when the run cannot be loaded (`load_run`'s
+    FileNotFoundError and ValueError subclasses, e.g. InputNotFound, ConfigError, InputError).
     """
     from datagen.base.device import resolve_device
 

@@ -28,6 +28,9 @@ DATASETS = ("fashioniq", "cirr", "circo")
 
 @dataclass
 class Query:
+    """One composed query: reference image id, its caption(s) and, on labelled splits, the
+    target(s); ids are keys of the task's `paths`."""
+
     qid: str                          # pairid (CIRR), id (CIRCO), "<category>:<index>" (FashionIQ)
     reference: str
     captions: tuple[str, ...]         # FashionIQ: two; CIRR / CIRCO: one
@@ -41,6 +44,8 @@ class Query:
 
 @dataclass
 class Task:
+    """One gallery and the queries ranked against it (FashionIQ: one per category)."""
+
     name: str                         # category (FashionIQ) or the dataset name
     annotation: Path
     gallery_file: Path
@@ -51,6 +56,9 @@ class Task:
 
 @dataclass
 class Benchmark:
+    """One split of one dataset as the readers return it; `labelled` is False on test splits (no
+    targets), `notes` are layout and protocol facts reported with the results."""
+
     dataset: str                      # fashioniq | cirr | circo
     split: str                        # official split name (val, test1, test)
     root: Path
@@ -60,12 +68,15 @@ class Benchmark:
 
     @property
     def n_queries(self) -> int:
+        """Queries over all tasks."""
         return sum(len(t.queries) for t in self.tasks)
 
 
 def load_benchmark(dataset: str, root: str | Path, split: str = "val",
                    protocol: Protocol | None = None) -> Benchmark:
-    """Read `dataset` (fashioniq, cirr, circo; a `shapes-` prefix is accepted) from `root`."""
+    """Read `dataset` (fashioniq, cirr, circo; a `shapes-` prefix is accepted) from `root`.
+    Errors: EvalError for a missing folder or an unknown dataset, and the readers' EvalErrors
+    (bad split, missing or malformed annotation)."""
     protocol = protocol or Protocol()
     root = Path(root)
     if not root.is_dir():
@@ -159,6 +170,15 @@ def _listdir(folder: Path) -> set[str]:
 
 def load_fashioniq(root: Path, split: str = "val", protocol: Protocol | None = None,
                    categories: tuple[str, ...] = FIQ_CATEGORIES) -> Benchmark:
+    """FashionIQ at `root` (`captions/cap.<cat>.<split>.json`, `image_splits/split.<cat>.<split>.json`,
+    `images/`): one task per category, gallery = the split file in order, query ids
+    `<category>:<index>`, two captions each; unlabelled on `test`. `protocol.fiq_ext` picks the
+    image extension (auto: .jpg or .png, whichever `images/` holds more of).
+
+    Errors: EvalError naming the file and entry for an unknown split, a missing or malformed JSON
+    file, a gallery id that is not a string, is listed twice or is not a plain file name,
+    captions that are not 2 strings, or (train, val) a target outside the split file. Missing
+    images are not errors here (`find_bad_images`)."""
     protocol = protocol or Protocol()
     if split not in ("train", "val", "test"):
         raise EvalError(f"FashionIQ split {split!r}: expected train, val or test")
@@ -258,6 +278,13 @@ def cirr_layout(root: Path, split: str) -> tuple[Path, Path]:
 
 
 def load_cirr(root: Path, split: str = "val", protocol: Protocol | None = None) -> Benchmark:
+    """CIRR at `root` (any layout `cirr_layout` knows): split val, test1 (alias test) or train;
+    one task, gallery = the split file's images (`protocol.cirr_gallery == "all"`: every split
+    file present, not comparable to the standard), query ids = pairids; test1 is unlabelled.
+
+    Errors: EvalError naming the file and entry for an unknown split, a missing or malformed JSON
+    file, a repeated pairid, a reference, img_set member or target_hard not in the split file,
+    or a split-file path that leaves the image folder."""
     protocol = protocol or Protocol()
     if split not in CIRR_SPLITS:
         raise EvalError(f"CIRR split {split!r}: expected val or test1")
@@ -311,6 +338,14 @@ def _coco_dirs(root: Path) -> tuple[Path, Path]:
 
 
 def load_circo(root: Path, split: str = "val") -> Benchmark:
+    """CIRCO at `root` (`annotations/<split>.json`; COCO's `annotations/image_info_unlabeled2017.json`
+    and `unlabeled2017/` under `root/COCO2017_unlabeled/` or `root`): split val (labelled) or test;
+    one task whose gallery is every COCO unlabeled2017 image, ids as decimal strings.
+
+    Errors: EvalError naming the file and entry for an unknown split, a missing COCO image list,
+    a missing or malformed annotation, a repeated query id, an image id not in the COCO list, a
+    COCO `file_name` that leaves the image folder, or (val) `gt_img_ids` that do not start with
+    the target or list an image twice."""
     if split not in CIRCO_SPLITS:
         raise EvalError(f"CIRCO split {split!r}: expected val or test")
     ann = root / "annotations" / f"{split}.json"
@@ -413,6 +448,8 @@ def _affected(q: Query, ids: set[str]) -> bool:
 
 
 def integrity_error(bench: Benchmark, bad: dict[str, str]) -> EvalError:
+    """The EvalError (returned, not raised) that stops a run on `bad` images ({path: reason}, from
+    `find_bad_images`): how many, the first five, the queries affected, and how to go on."""
     n_q = sum(_affected(q, _bad_ids(t, bad)) for t in bench.tasks for q in t.queries)
     first = ", ".join(f"{_rel(p, bench.root)} ({why})" for p, why in list(bad.items())[:5])
     return EvalError(
@@ -439,6 +476,7 @@ def drop_bad_images(bench: Benchmark, bad: dict[str, str]) -> tuple[Benchmark, d
     is a miss, still counted in mAP@K's min(K, #ground truths), as the official scorer counts it
     on the same ranking) and counted as changed. On unlabelled (test) splits nothing can be
     dropped, because a server submission must cover every query.
+    Errors: EvalError on an unlabelled split when a query's reference (or target) is bad.
     """
     tasks, dropped, changed, examples = [], 0, 0, []
     for task in bench.tasks:

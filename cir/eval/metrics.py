@@ -3,7 +3,7 @@
 Ranking order is (score descending, gallery index ascending): equal scores are broken by the
 order of the gallery file, deterministically, however the gallery is chunked. Metric functions
 take ranked id lists so they can be checked by hand and reused on submission files. All metric
-values are percentages.
+values are percentages (the per-query `average_precision_at_k` is a fraction in [0, 1]).
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ CIRCO_KS = (5, 10, 25, 50)
 # ----------------------------------------------------------------------------- ranking
 
 def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row by (score desc, column asc). `torch.topk` alone picks ties arbitrarily."""
+    """Top-k of each row by (score desc, column asc). `torch.topk` alone picks ties arbitrarily.
+
+    scores: [Q, N] -> (values [Q, k'], column indices [Q, k'] long), k' = min(k, N) (0 when k <= 0)."""
     n = scores.shape[1]
     k = min(k, n)
     if k <= 0:
@@ -54,6 +56,9 @@ def topk_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int,
                  gallery_chunk: int = 32768) -> torch.Tensor:
     """Indices [Q, k] of the best gallery rows for each query by dot product, in ranking order.
 
+    queries: [Q, D]; gallery: [N, D] (normalised features: the scores are cosine similarities);
+    exclude: [Q] long or None.
+
     Never holds more than a query_chunk x gallery_chunk score block: a running top-k is merged
     with each gallery chunk's top-k. `exclude[q]` (or -1) is a gallery index removed from query
     q's ranking (CIRR reference removal, CIRCO reference masking); k shrinks to the gallery size
@@ -86,7 +91,8 @@ def topk_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int,
 
 
 def subset_ranking(query: torch.Tensor, gallery: torch.Tensor, members: Sequence[int]) -> list[int]:
-    """Gallery indices `members` ordered as the full ranking would order them."""
+    """Gallery indices `members` ordered as the full ranking would order them (score desc, index
+    asc). query: [D]; gallery: [N, D]."""
     if not members:
         return []
     idx = torch.tensor(sorted(members), dtype=torch.long)
@@ -99,7 +105,8 @@ def subset_ranking(query: torch.Tensor, gallery: torch.Tensor, members: Sequence
 
 def recall_at_k(rankings: Sequence[Sequence[str]], targets: Sequence[str],
                 ks: Sequence[int]) -> dict[int, float]:
-    """% of queries whose target is among the first K of its ranking (absent target: a miss)."""
+    """% of queries whose target is among the first K of its ranking (absent target: a miss).
+    Returns {K: percent}. Errors: ValueError when `rankings` and `targets` differ in length."""
     if len(rankings) != len(targets):
         raise ValueError(f"{len(rankings)} rankings for {len(targets)} targets")
     n = max(len(targets), 1)
@@ -111,7 +118,8 @@ def recall_at_k(rankings: Sequence[Sequence[str]], targets: Sequence[str],
 
 
 def average_precision_at_k(ranked: Sequence[str], gt: Sequence[str], k: int) -> float:
-    """CIRCO AP@K = sum_{i<=K} prec_i * hit_i / min(K, #GT) (the server's formula)."""
+    """CIRCO AP@K = sum_{i<=K} prec_i * hit_i / min(K, #GT) (the server's formula), a fraction in
+    [0, 1]; 0 when `gt` is empty."""
     gts = set(gt)
     if not gts:
         return 0.0
@@ -125,6 +133,8 @@ def average_precision_at_k(ranked: Sequence[str], gt: Sequence[str], k: int) -> 
 
 def map_at_k(rankings: Sequence[Sequence[str]], gts: Sequence[Sequence[str]],
              ks: Sequence[int] = CIRCO_KS) -> dict[int, float]:
+    """CIRCO mAP@K in percent, {K: mean over queries of `average_precision_at_k` x 100}; rankings
+    and gts are per query, in the same order (lengths are not checked: the mean divides by len(gts))."""
     n = max(len(gts), 1)
     return {k: 100.0 * sum(average_precision_at_k(r, g, k) for r, g in zip(rankings, gts)) / n
             for k in ks}
@@ -132,7 +142,7 @@ def map_at_k(rankings: Sequence[Sequence[str]], gts: Sequence[Sequence[str]],
 
 def map_per_aspect(rankings: Sequence[Sequence[str]], gts: Sequence[Sequence[str]],
                    aspects: Sequence[Sequence[str]], k: int = 10) -> dict[str, float]:
-    """mAP@K over the queries tagged with each semantic aspect (CIRCO reports K=10)."""
+    """mAP@K in percent over the queries tagged with each semantic aspect (CIRCO reports K=10)."""
     by: dict[str, list[float]] = {}
     for r, g, tags in zip(rankings, gts, aspects):
         ap = average_precision_at_k(r, g, k)
@@ -142,7 +152,8 @@ def map_per_aspect(rankings: Sequence[Sequence[str]], gts: Sequence[Sequence[str
 
 
 def fiq_summary(per_category: dict[str, dict[int, float]]) -> dict[str, float]:
-    """Per-category R@10/R@50, their means over categories, and the mean of those two."""
+    """Per-category R@10/R@50, their means over categories, and the mean of those two (percent in,
+    percent out; every category needs keys 10 and 50)."""
     out = {}
     for cat, r in per_category.items():
         out[f"{cat}_R@10"], out[f"{cat}_R@50"] = r[10], r[50]
@@ -154,5 +165,6 @@ def fiq_summary(per_category: dict[str, dict[int, float]]) -> dict[str, float]:
 
 
 def cirr_summary(recall: dict[int, float], subset: dict[int, float], which: str = "r5") -> float:
-    """(R@5 + Rs@1)/2 (common) or (R@1 + Rs@1)/2 (CompoDiff's table)."""
+    """(R@5 + Rs@1)/2 (common; `which="r5"`) or (R@1 + Rs@1)/2 (CompoDiff's table; any other
+    `which`), in percent."""
     return (recall[5 if which == "r5" else 1] + subset[1]) / 2

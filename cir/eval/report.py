@@ -7,7 +7,12 @@ from .benchmarks import load_benchmark
 
 
 def write_eval_report(result, root: str | Path, out: str | Path, top_k: int = 10):
-    """One card per query: reference, query text, target(s), the top-k results with hits marked."""
+    """One card per query: reference, query text, target(s), the top-k results with hits marked.
+
+    result: the harness's `EvalResult` (with rankings); root: the benchmark folder it ran on;
+    out: the report folder. Queries dropped by the integrity check are left out. Returns
+    `write_retrieval_report`'s `ReportResult`. Errors: ValueError when the result kept no
+    rankings; EvalError when the benchmark cannot be read again."""
     from datagen.report import RetrievalQuery, RetrievalResult, write_retrieval_report
 
     if not result.rankings:

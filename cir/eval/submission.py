@@ -93,7 +93,10 @@ def validate_cirr(payload: Mapping, metric: str, task: Task, where: str = "") ->
 
 def write_cirr_submission(out_dir: str | Path, task: Task, rankings: Mapping[str, Sequence[str]],
                           subsets: Mapping[str, Sequence[str]], name: str = "cirr_test1") -> list[Path]:
-    """Write `<name>_recall.json` and `<name>_recall_subset.json`; both validated first."""
+    """Write `<name>_recall.json` and `<name>_recall_subset.json` into `out_dir`; both validated
+    first (nothing is written unless both pass). `rankings`, `subsets`: ranked image names per
+    pairid, cut to 50 and 3. Returns the two paths. Errors: SubmissionError (`validate_cirr`),
+    MachineError when a write fails."""
     out_dir = Path(out_dir)
     files = {"recall": out_dir / f"{name}_recall.json",
              "recall_subset": out_dir / f"{name}_recall_subset.json"}
@@ -133,6 +136,10 @@ def validate_circo(payload: Mapping, task: Task, where: str = "CIRCO submission"
 
 
 def write_circo_submission(path: str | Path, task: Task, rankings: Mapping[str, Sequence[str]]) -> Path:
+    """Write the CIRCO file at `path`: {query id: first 50 ranked image ids as ints}, validated
+    (`validate_circo`) before the atomic write; returns `path`. Errors: SubmissionError for a
+    missing query or a ranking the server would reject; ValueError for an id that is not an
+    integer; MachineError when the write fails."""
     path = Path(path)
     payload = {q.qid: [int(i) for i in list(rankings[q.qid])[:RANK_DEPTH]]
                for q in task.queries if q.qid in rankings}
@@ -144,7 +151,8 @@ def write_circo_submission(path: str | Path, task: Task, rankings: Mapping[str, 
 # ----------------------------------------------------------------------------- files
 
 def validate_file(path: str | Path, dataset: str, task: Task) -> str:
-    """Validate a submission file on disk; returns the CIRR metric it holds ('' for CIRCO)."""
+    """Validate a submission file on disk; returns the CIRR metric it holds ('' for CIRCO).
+    Errors: SubmissionError for an unreadable or malformed file or one the server would reject."""
     path = Path(path)
     try:
         payload = json.loads(path.read_text())
