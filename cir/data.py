@@ -8,6 +8,7 @@ Bad rows are an error naming file and row, or a counted skip when `bad_rows="ski
 from __future__ import annotations
 
 import csv
+import glob
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from datagen.base.errors import CirgenError
+from datagen.base.errors import CirgenError, os_error_line
 from datagen.base.images import ImageError
 from datagen.base.images import open_image as _open_image
 
@@ -156,9 +157,8 @@ class _TableSource:
 def _parquet(cfg: DataConfig) -> _TableSource:
     import pyarrow.parquet as pq
 
-    files = sorted(Path().glob(cfg.path)) if any(c in cfg.path for c in "*?[") else [Path(cfg.path)]
     images, caps, ids, where = [], [], [], []
-    for f in files:
+    for f in _files(cfg.path):
         try:
             t = pq.read_table(f, columns=[cfg.image_column, cfg.caption_column])
         except Exception as e:
@@ -189,11 +189,14 @@ def _csv(cfg: DataConfig) -> _TableSource:
 
 
 def _webdataset(cfg: DataConfig) -> _TableSource:
-    files = sorted(Path().glob(cfg.path)) if any(c in cfg.path for c in "*?[") else [Path(cfg.path)]
     images, caps, ids, where = [], [], [], []
-    for f in files:
+    for f in _files(cfg.path):
         samples: dict[str, dict] = {}
-        with tarfile.open(f) as tar:
+        try:
+            tar = tarfile.open(f)
+        except tarfile.TarError as e:
+            raise DataError(f"{f}: not a readable tar archive ({e})") from None
+        with tar:
             for m in tar.getmembers():
                 if not m.isfile() or "." not in Path(m.name).name:
                     continue
@@ -224,12 +227,34 @@ def _hf_disk(cfg: DataConfig) -> _TableSource:
 def open_source(cfg: DataConfig):
     """The image-caption source `cfg.source` names (`ShapesImageCaptions` or a table source).
 
-    Raises DataError when `path` is missing for a non-shapes source, a Parquet file cannot be read, a CSV
-    lacks a column, or (with `bad_rows="error"`) a row has no image or an empty caption. Other read failures
-    (a missing CSV file, an unreadable tar, a bad HF dataset folder) propagate as the library raises them.
+    Raises DataError (one line naming the file) when `path` is missing for a non-shapes source or
+    matches no file, a file cannot be read (missing, unreadable, not a Parquet file, tar archive or
+    `datasets` folder), a column is missing, or (with `bad_rows="error"`) a row has no image or an
+    empty caption.
     """
     if cfg.source == "shapes":
         return ShapesImageCaptions(cfg.n, cfg.seed, cfg.resolution)
     if not cfg.path:
         raise DataError(f"data.path is required for source {cfg.source!r}")
-    return {"parquet": _parquet, "csv": _csv, "webdataset": _webdataset, "hf_disk": _hf_disk}[cfg.source](cfg)
+    read = {"parquet": _parquet, "csv": _csv, "webdataset": _webdataset, "hf_disk": _hf_disk}[cfg.source]
+    try:
+        return read(cfg)
+    except CirgenError:
+        raise
+    except OSError as e:
+        raise DataError(f"data.path: {os_error_line(e, e.filename or cfg.path)}") from None
+    except (tarfile.TarError, KeyError, ValueError, TypeError) as e:
+        # the libraries' own errors for a file that is not what `source` says (tar, datasets)
+        raise DataError(f"{cfg.path}: cannot read as {cfg.source} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
+def _files(pattern: str) -> list[Path]:
+    """The files a `data.path` names: a glob pattern's matches (sorted), or the one path; DataError
+    when a pattern matches nothing (never an empty dataset)."""
+    if not any(c in pattern for c in "*?["):
+        return [Path(pattern)]
+    files = sorted(Path(f) for f in glob.glob(pattern))     # absolute patterns too (Path.glob refuses them)
+    if not files:
+        raise DataError(f"data.path {pattern!r} matches no file")
+    return files

@@ -180,7 +180,7 @@ def load_run(path: str | Path, device: "str | torch.device" = "auto", use_compos
 class RunModel:
     """A trained model behind the evaluation harness's interface (paths in, features out)."""
 
-    def __init__(self, model: CIRModel, name: str, prompt_ok: bool = True, use_composer: bool = True,
+    def __init__(self, model: CIRModel, name: str, use_composer: bool = True,
                  cache_root: str | None = None):
         from .features import FeatureCache
 

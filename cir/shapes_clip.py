@@ -29,7 +29,7 @@ import torch
 
 from datagen.base.errors import InputError
 from datagen.base.device import resolve_device
-from datagen.base.io import write_atomic_with
+from datagen.base.io import write_atomic, write_atomic_with
 from datagen.base.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
                                  init_token_table)
 from datagen.world.editor import sample_edit
@@ -300,7 +300,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
         if prev != ident:
             raise InputError(f"{out} holds a run with a different config; use a new --out")
     else:
-        cfg_path.write_text(json.dumps(ident, indent=2))
+        write_atomic(cfg_path, json.dumps(ident, indent=2))
 
     device = resolve_device(cfg.device)
     model, preprocess, tokenizer = build_model(cfg.seed, cfg.model)

@@ -411,7 +411,7 @@ def write_results(rows: list[dict], out: Path, metric: str, recipe_hash: str) ->
         lines.append(f"| {s['tier']} | {s['quantity']} | {s['seeds']} | {s['mean']:.1f}{spread} "
                      f"| {s['gain']:+.1f} | {s['gen_seconds']:.1f} | {s['train_seconds']:.1f} |")
     md = out / "results.md"
-    md.write_text("\n".join(lines) + "\n")
+    write_atomic(md, "\n".join(lines) + "\n")
     return [csv_path, md] + plot(summary, out / "plots", metric)
 
 

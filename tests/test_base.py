@@ -101,3 +101,17 @@ def test_extra_architecture_configs_come_from_cirgen_model_configs(tmp_path, mon
     clip = load_clip("my-shapes-variant", random_init=True)
     assert clip.name == "my-shapes-variant"
     assert sorted(p.name for p in asset_path("shapes_clip").glob("*.json")) == ["shapes-clip.json"]
+
+
+def test_one_dtype_rule_for_llms_and_diffusion_models(monkeypatch):
+    from datagen.base.device import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("fp16", "cuda") == torch.float16 and resolve_dtype("fp32", "cuda") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)    # e.g. a V100 or T4
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(ValueError, match="dtype 'half': expected auto, float32, bfloat16 or float16"):
+        resolve_dtype("half", "cpu")

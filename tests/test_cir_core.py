@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -213,3 +214,18 @@ def test_parquet_and_webdataset_sources(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     src = open_source(DataConfig(source="webdataset", path=str(tmp_path / "s.tar")))
     assert len(src) == 2 and src.caption(0) == "blue square" and np.asarray(src.image(0)).shape == (8, 8, 3)
+
+
+def test_unreadable_stage1_sources_are_one_data_error_naming_the_file(tmp_path):
+    from cir.data import DataConfig, DataError, open_source
+
+    (tmp_path / "bad.tar").write_bytes(b"not a tar")
+    (tmp_path / "x.parquet").write_bytes(b"nope")
+    cases = [("csv", tmp_path / "missing.csv", "missing.csv: No such file or directory (ENOENT)"),
+             ("webdataset", tmp_path / "*.tar", "bad.tar: not a readable tar archive"),
+             ("webdataset", tmp_path / "*.none", "matches no file"),            # absolute glob, no match
+             ("parquet", tmp_path / "x.parquet", "x.parquet: cannot read columns"),
+             ("hf_disk", tmp_path / "nothere", "nothere")]
+    for source, path, message in cases:
+        with pytest.raises(DataError, match=re.escape(message)):
+            open_source(DataConfig(source=source, path=str(path)))

@@ -435,7 +435,8 @@ def test_encode_failures_are_rejects(sd, monkeypatch):
 # -- loading, config, imports ---------------------------------------------------------------------
 
 def test_load_by_local_path(sd, tmp_path):
-    from datagen.diffusion.loading import load_pipeline, resolve_dtype
+    from datagen.base.device import resolve_dtype
+    from datagen.diffusion.loading import load_pipeline
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     sd.save_pretrained(tmp_path / "tiny-sd")

@@ -33,6 +33,8 @@ def test_average_precision_with_more_ground_truths_than_k():
     # A single GT at rank 2: precision 1/2 there, denominator min(K, 1) = 1.
     assert M.average_precision_at_k(["x", "g"], ["g"], 5) == pytest.approx(0.5)
     assert M.map_at_k([ranked, ["x", "g"]], [gt, ["g"]], (5,)) == {5: pytest.approx((45.33333 + 50) / 2, abs=1e-4)}
+    with pytest.raises(ValueError, match="1 rankings for 2 ground-truth sets"):
+        M.map_at_k([ranked], [gt, ["g"]], (5,))      # a short list must not lower the mean silently
 
 
 def test_map_per_aspect_averages_only_tagged_queries():

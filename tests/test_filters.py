@@ -116,6 +116,15 @@ def test_missing_clip_weights_give_one_clear_config_error(tmp_path):
         load_scorer(r.filters.clip)
 
 
+def test_missing_shipped_weights_say_how_to_train_them(tmp_path, monkeypatch):
+    import datagen.base.assets as assets
+
+    monkeypatch.setattr(assets, "assets_root", lambda: tmp_path)      # a checkout without the weights
+    r = load_gen_recipe("shapes-low-filtered")
+    with pytest.raises(ConfigError, match="shapes-CLIP weights not found at .*cirgen pretrain-clip"):
+        load_scorer(r.filters.clip)
+
+
 # ----------------------------------------------------------------------------- filter logic
 
 class FakeScorer:

@@ -120,3 +120,14 @@ def test_custom_vocabulary_is_validated(tmp_path):
     f.write_text("categories:\n  a: {terms: {dog: [cat]}}\ntemplates: {generic: ['remove {source}']}\n")
     with pytest.raises(ValueError, match="target"):
         load_vocabulary(str(f))
+
+
+def test_custom_vocabulary_errors_name_the_problem(tmp_path):
+    f = tmp_path / "v.yaml"
+    tpl = "templates: {generic: ['change {source} to {target}']}\n"
+    f.write_text("categories:\n  a: {terms: {a big red dog: [cat]}}\n" + tpl)
+    with pytest.raises(ValueError, match=r"v.yaml: a.a big red dog: a term has at most 3 words"):
+        load_vocabulary(str(f))
+    f.write_text("categories:\n  a: {terms: {dog: [dog]}}\n" + tpl)
+    with pytest.raises(ValueError, match=r"v.yaml: a.dog: needs replacements other than itself"):
+        load_vocabulary(str(f))

@@ -142,3 +142,42 @@ def test_wrong_object_falls_back_when_it_cannot_apply():
     e = sample_edit(s, rng, ph, types=("recolor",))
     label, shown, _ = inject_failure(e, "wrong_object", rng, ph)
     assert label == "extra_change" and shown != e.target
+
+
+def test_an_overwritten_benchmark_is_never_lost_and_no_temp_folder_stays(tmp_path, monkeypatch):
+    import pytest
+
+    import datagen.world.benchmark as B
+    from pathlib import Path
+
+    out = tmp_path / "bench"
+    B.write_shapes_benchmark(out, "cirr", 6, 0, 32)
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    old_caps = (out / "captions" / "cap.rc2.val.json").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(B, "_write_cirr", crash)
+    with pytest.raises(RuntimeError):
+        B.write_shapes_benchmark(out, "cirr", 6, 1, 32, overwrite=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    monkeypatch.undo()
+    real_replace = B.os.replace
+
+    failed = []
+
+    def full_disk(src, dst):                 # the new folder cannot take the name (once)
+        if Path(src).name.startswith(".bench~") and Path(dst) == out and not failed:
+            failed.append(src)
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(B.os, "replace", full_disk)
+    with pytest.raises(OSError):
+        B.write_shapes_benchmark(out, "cirr", 6, 1, 32, overwrite=True)
+    assert (out / "captions" / "cap.rc2.val.json").read_bytes() == old_caps      # the old one is back
+    monkeypatch.undo()
+    B.write_shapes_benchmark(out, "cirr", 6, 1, 32, overwrite=True)
+    assert (out / "captions" / "cap.rc2.val.json").read_bytes() != old_caps      # the new seed's queries
+    assert [p.name for p in tmp_path.iterdir()] == ["bench"]                     # no temp or old folder

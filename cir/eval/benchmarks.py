@@ -287,7 +287,7 @@ def load_cirr(root: Path, split: str = "val", protocol: Protocol | None = None) 
     or a split-file path that leaves the image folder."""
     protocol = protocol or Protocol()
     if split not in CIRR_SPLITS:
-        raise EvalError(f"CIRR split {split!r}: expected val or test1")
+        raise EvalError(f"CIRR split {split!r}: expected one of {', '.join(CIRR_SPLITS)}")
     split = CIRR_SPLITS[split]
     ann, images = cirr_layout(root, split)
     cap = ann / "captions" / f"cap.rc2.{split}.json"

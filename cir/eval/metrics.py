@@ -134,7 +134,10 @@ def average_precision_at_k(ranked: Sequence[str], gt: Sequence[str], k: int) -> 
 def map_at_k(rankings: Sequence[Sequence[str]], gts: Sequence[Sequence[str]],
              ks: Sequence[int] = CIRCO_KS) -> dict[int, float]:
     """CIRCO mAP@K in percent, {K: mean over queries of `average_precision_at_k` x 100}; rankings
-    and gts are per query, in the same order (lengths are not checked: the mean divides by len(gts))."""
+    and gts are per query, in the same order. Errors: ValueError when their lengths differ (a
+    shorter list would otherwise lower the mean silently)."""
+    if len(rankings) != len(gts):
+        raise ValueError(f"{len(rankings)} rankings for {len(gts)} ground-truth sets")
     n = max(len(gts), 1)
     return {k: 100.0 * sum(average_precision_at_k(r, g, k) for r, g in zip(rankings, gts)) / n
             for k in ks}

@@ -169,11 +169,13 @@ def load_weights_file(model, path: str | Path) -> None:
 
 
 def shipped_weights() -> Path:
-    """Path of the shipped shapes-CLIP weights, `assets/shapes_clip/shapes-clip.safetensors`;
-    FileNotFoundError when they are not shipped."""
-    from .assets import asset_path
+    """Path of the shipped shapes-CLIP weights, `assets/shapes_clip/shapes-clip.safetensors`.
 
-    return asset_path("shapes_clip", "shapes-clip.safetensors")
+    The file may be absent (a checkout without the weights): callers say so in their own words
+    (the CLIP filter: how to train them; the loader: InputNotFound naming the path)."""
+    from .assets import assets_root
+
+    return assets_root() / "shapes_clip" / "shapes-clip.safetensors"
 
 
 class _QuietRandomInit(logging.Filter):

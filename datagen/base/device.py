@@ -68,3 +68,24 @@ def resolve_device(name: str) -> "torch.device":
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DeviceError("device 'mps' requested but torch has no usable MPS backend; use auto or cpu")
     return torch.device(name)
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def resolve_dtype(name: str, device: "str | torch.device") -> "torch.dtype":
+    """The compute dtype for a model on `device` (the one rule for LLMs and diffusion models).
+
+    `auto`: bfloat16 on a CUDA GPU that supports it (no float16 overflow), else float16 on CUDA,
+    float32 elsewhere; or a name (float32/fp32, bfloat16/bf16, float16/fp16). ValueError for
+    another name."""
+    import torch
+
+    if name == "auto":
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    return getattr(torch, _DTYPES[name])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..base.device import resolve_device
+from ..base.device import resolve_device, resolve_dtype
 
 SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",    # IP2P's sampler (k-diffusion Euler ancestral)
@@ -27,18 +27,6 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE is 1, true, yes or on (any case)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def resolve_dtype(dtype: str, device: str):
-    """auto: bf16 on CUDA GPUs that have it (no fp16 overflow -> fewer NaN images), else fp16; fp32 on CPU.
-    Else float32, float16 or bfloat16 by name; KeyError for another name."""
-    import torch
-
-    if dtype == "auto":
-        if not str(device).startswith("cuda"):
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 def make_scheduler(name: str, config: dict | None = None):

@@ -111,7 +111,8 @@ class ChunkWriter:
         """Write the last partial chunk and delete chunks a larger earlier report left behind."""
         self.flush()
         for p in (self.out / "data").glob("chunk-*.js"):
-            if int(p.stem.split("-")[1]) >= self.n_chunks:
+            number = p.stem.split("-", 1)[1]
+            if number.isdigit() and int(number) >= self.n_chunks:     # a stray chunk-old.js stays
                 p.unlink()
         return self.n_chunks
 

@@ -13,7 +13,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-from ..base.device import resolve_device
+from ..base.device import resolve_device, resolve_dtype
 from ..base.threads import record_threads
 from .protocol import Reply, Request, prompt_format
 
@@ -42,18 +42,6 @@ def resolve_model(model: str, gguf_file: str | None) -> tuple[str, str | None]:
     return model, gguf_file
 
 
-def _dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"dtype {name!r}: expected auto, float32, bfloat16 or float16") from None
-
-
 @lru_cache(maxsize=2)
 def load_model(model: str, gguf_file: str | None, revision: str | None, dtype: str, device: str,
                trust_remote_code: bool):
@@ -73,7 +61,7 @@ def load_model(model: str, gguf_file: str | None, revision: str | None, dtype: s
     # transformers >= 4.56 calls it `dtype`; older versions ignore unknown kwargs silently.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dkey = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    lm = AutoModelForCausalLM.from_pretrained(model, **kw, **{dkey: _dtype(dtype, device)})
+    lm = AutoModelForCausalLM.from_pretrained(model, **kw, **{dkey: resolve_dtype(dtype, device)})
     lm.to(device).eval()
     return tok, lm
 

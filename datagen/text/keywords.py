@@ -103,7 +103,9 @@ def _vocabulary(file: Path, cats: dict, plurals: dict, tpl: dict, generic: tuple
             term = str(term).lower()
             t = Term(cat, term, tuple(str(r).lower() for r in repl), bool(spec.get("nouns")),
                      bool(spec.get("before_word")))
-            if not t.replacements or term in t.replacements or len(term.split()) > _MAX_TERM_WORDS:
+            if len(term.split()) > _MAX_TERM_WORDS:
+                raise ConfigError(f"{file}: {cat}.{term}: a term has at most {_MAX_TERM_WORDS} words")
+            if not t.replacements or term in t.replacements:
                 raise ConfigError(f"{file}: {cat}.{term}: needs replacements other than itself")
             forms = [(term, False)] + ([(plural(term, plurals), True)] if t.noun else [])
             for surface, is_pl in forms:

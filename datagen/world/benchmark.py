@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base.errors import CirgenError, InputError
+from ..base.io import temp_path
 from .editor import Edit, sample_edit
 from .phrases import PhraseSet, load_phrases
 from .render import RenderConfig, encode, render
@@ -112,8 +113,7 @@ def write_shapes_benchmark(out: str | Path, fmt: str = "cirr", n_queries: int = 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BenchmarkExists(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(out)
     tmp.mkdir(parents=True)
     cfg = RenderConfig(resolution=resolution)
     phrases = load_phrases("heldout")
@@ -122,9 +122,19 @@ def write_shapes_benchmark(out: str | Path, fmt: str = "cirr", n_queries: int = 
             summary = _write_cirr(tmp, n_queries, seed, cfg, phrases, splits)
         else:
             summary = _write_circo(tmp, n_queries, seed, cfg, phrases, splits)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        # The old benchmark moves aside before the new one takes its name and is deleted only
+        # after; a failed move puts it back (a kill in between leaves it under its temp name).
+        old = temp_path(out) if out.exists() else None
+        if old is not None:
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"format": fmt, "out": str(out), "seed": seed, "resolution": resolution, **summary}

@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
 
     from datagen.diffusion import tiny
     from datagen.diffusion.generate import generate_pairs, generators
-    from datagen.diffusion.loading import resolve_dtype
+    from datagen.base.device import resolve_dtype
 
     if args.dry_run:
         device = "cpu"
