@@ -41,6 +41,8 @@ from .views import ViewsConfig, make_view, view_seed
 
 @dataclass
 class ClipConfig:
+    """The `clip` section of a stage-I recipe: the frozen CLIP backbone (`CIRClip.load`) and its device;
+    stage II reuses the one recorded in the stage-I run's model.json."""
     name: str = "shapes-clip"
     pretrained: str | None = None
     # auto = the GPU when there is one (an explicit cuda this machine lacks is an error); a
@@ -51,6 +53,8 @@ class ClipConfig:
 
 @dataclass
 class Stage1Loss:
+    """The `loss` section of a stage-I recipe: the prompt, temperature and term weights of the objective in
+    the module docstring (TSCIR released code, `get_loss_img2text`)."""
     prompt: str = DEFAULT_PROMPT
     temperature: float | None = 0.07  # fixed T (TSCIR); null = CLIP's learnt logit scale
     reference_weight: float = 1.0     # InfoNCE to the reference view (TSCIR: 1.0; 0 = off)
@@ -59,6 +63,8 @@ class Stage1Loss:
     target_temperature: float = 0.05  # caption variant only: softness of the caption-caption target
 
     def validate(self) -> None:
+        """Raise ValueError unless `soft_alignment` is tscir, caption or off and `temperature` is null or
+        > 0 (`logit_scale`); `from_dict` turns it into a ConfigError. The weights are not checked."""
         if self.soft_alignment not in ("tscir", "caption", "off"):
             raise ValueError(f"soft_alignment: {self.soft_alignment!r} is not one of tscir, caption, off")
         logit_scale(self.temperature, torch.ones(()))
@@ -66,12 +72,15 @@ class Stage1Loss:
 
 @dataclass
 class Stage1Eval:
+    """The `eval` section of a stage-I recipe: the held-out shapes check `evaluate_mapping` runs after
+    training (shapes data only)."""
     scenes: int = 1000                # shapes: held-out scenes for `a photo of *` retrieval
     seed: int = 4242
 
 
 @dataclass
 class Stage1Recipe(RecipeProse):
+    """A stage-I training recipe (`recipes/train/`, kind stage1): everything `run_stage1` needs."""
     kind: Literal["stage1"] = "stage1"
     name: str = "stage1-shapes"
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -86,14 +95,19 @@ class Stage1Recipe(RecipeProse):
 
 
 def load_stage1_recipe(name_or_path: str = "stage1-shapes", overrides: list[str] | None = None) -> Stage1Recipe:
+    """A `Stage1Recipe` from a shipped name (`recipes/train/`) or a YAML path, with `key.path=value`
+    overrides. Raises ConfigError as `load_recipe` does (including a `kind` other than stage1)."""
     return load_recipe(Stage1Recipe, name_or_path, "train", overrides)
 
 
 def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=print,
                evaluate_after: bool = True) -> dict:
     """Train stage I into run folder `out` (model.json, model.safetensors, metrics.jsonl,
-    checkpoints/, result.json). Returns the result dict. Errors: ConfigError for a `--resume`
-    with another recipe, DataError for unusable data (or counted skips with bad_rows=skip)."""
+    checkpoints/, result.json). Returns the result dict (`train`: the last epoch's metrics,
+    `feature_seconds`, `images_encoded`, `skipped`, and `eval` from `evaluate_mapping` on shapes data).
+    Errors: DeviceError for a `clip.device` this machine lacks (before anything is written),
+    ConfigError for a `--resume` with another recipe, DataError for unusable data (or counted skips
+    with bad_rows=skip)."""
     out = Path(out)
     dev = resolve_device(recipe.clip.device)         # a GPU this machine lacks: an error before any write
     rank, _ = init_distributed()
@@ -238,7 +252,10 @@ class _Stage1Loss:
 def evaluate_mapping(model: CIRModel, n_scenes: int = 1000, seed: int = 4242, prompt: str = DEFAULT_PROMPT) -> dict:
     """`a photo of *` retrieval on held-out scenes: the query is one render of a scene, the
     gallery holds another render of every scene; a hit is a gallery image of the same scene
-    (description-level). Reported next to the image->image upper reference."""
+    (description-level). Reported next to the image->image upper reference.
+
+    Returns `pseudo_r1`, `pseudo_r5`, `image_to_image_r1` and `pseudo_r1_by_objects` (R@1 per object
+    count 1..4) as fractions in [0, 1], 4 decimals; cirgen's own check. RuntimeError (topk) when `n_scenes` < 5."""
     from datagen.world.render import render
     from datagen.world.scene import sample_scene
 

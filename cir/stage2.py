@@ -45,6 +45,8 @@ from .triplets import TripletsConfig, load_triplets
 
 @dataclass
 class HardNegativeConfig:
+    """The `hard_negatives` section of a stage-II recipe: TSCIR's in-batch mixed negatives, cirgen's mined
+    ones, or none (see the module docstring)."""
     kind: str = "mixed"               # mixed (TSCIR, in-batch) | mined (first design, per epoch) | off
     k: int = 10                       # negatives per query (TSCIR: 10 mixed)
     scaled: bool = False              # mixed: multiply the appended logits by 1/T (released: no)
@@ -52,6 +54,8 @@ class HardNegativeConfig:
     exclude_threshold: float = 0.95   # mined: gallery images this close to the target are not negatives
 
     def validate(self) -> None:
+        """Raise ValueError unless `kind` is mixed, mined or off and k >= 0 (`from_dict` turns it into a
+        ConfigError). `exclude_threshold` is not checked."""
         if self.kind not in ("mixed", "mined", "off"):
             raise ValueError(f"kind: {self.kind!r} is not one of mixed, mined, off")
         if self.k < 0:
@@ -60,17 +64,22 @@ class HardNegativeConfig:
 
 @dataclass
 class Stage2Loss:
+    """The `loss` section of a stage-II recipe: temperature and the weights of L_map and the KL term
+    (TSCIR released code, `get_loss_img2text_stage2`)."""
     temperature: float | None = 0.01  # fixed T (TSCIR); null = CLIP's learnt logit scale
     map_weight: float = 1.0           # L_map: contrastive(map query, reference image); 0 = off
     soft_weight: float = 0.2          # KL soft text alignment on the map query; 0 = off
     map_prompt: str = DEFAULT_PROMPT
 
     def validate(self) -> None:
+        """Raise ValueError unless `temperature` is null or > 0 (`logit_scale`); the weights are not checked."""
         logit_scale(self.temperature, torch.ones(()))
 
 
 @dataclass
 class Stage2Recipe(RecipeProse):
+    """A stage-II training recipe (`recipes/train/`, kind stage2): everything `run_stage2` needs besides the
+    stage-I run."""
     kind: Literal["stage2"] = "stage2"
     name: str = "stage2-shapes"
     prompt: str = "a photo of * that {}"
@@ -88,14 +97,17 @@ class Stage2Recipe(RecipeProse):
 
 
 def load_stage2_recipe(name_or_path: str = "stage2-shapes", overrides: list[str] | None = None) -> Stage2Recipe:
+    """A `Stage2Recipe` from a shipped name (`recipes/train/`) or a YAML path, with `key.path=value`
+    overrides. Raises ConfigError as `load_recipe` does (including a `kind` other than stage2)."""
     return load_recipe(Stage2Recipe, name_or_path, "train", overrides)
 
 
 def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume: bool = False,
                log=print) -> dict:
     """Train stage II from the stage-I run `stage1` into run folder `out`. Returns the result
-    dict. Errors: ConfigError (not a stage-I run, a resume with another recipe, no triplets),
-    DataError for unusable triplets. Triplets without reference captions (TransAgg, CIRR) train
+    dict. Errors: DeviceError for a `device` this machine lacks (before anything is written),
+    ConfigError (not a stage-I run, a resume with another recipe, no triplets), DataError for unusable
+    triplets. Triplets without reference captions (TransAgg, CIRR) train
     without the soft alignment term, which the log and result.json say."""
     out = Path(out)
     dev = resolve_device(recipe.device)               # a GPU this machine lacks: an error before any write

@@ -48,7 +48,8 @@ class Plan:
 
 
 def plan(out: Path, n: int, unit_size: int, seed: int | None = None, recipe_hash: str | None = None) -> Plan:
-    """Which units of an `n`-triplet dataset still need running (see `store.check_unit`)."""
+    """Which units of an `n`-triplet dataset still need running (see `store.check_unit`).
+    Raises StoreError when a shard was made with another `seed` or `recipe_hash` (when given)."""
     p = Plan(n, unit_size, [])
     for u, c in iter_units(n, unit_size):
         st = check_unit(out, u, c, seed, recipe_hash)

@@ -38,6 +38,8 @@ class TextRuntimeConfig:
     cache_dir: str | None = None    # openai: on-disk reply cache (reruns do not re-query)
 
     def validate(self) -> None:
+        """Raise ValueError unless batch_size, concurrency >= 1, retries >= 0, timeout_s > 0 and
+        backoff_s >= 0 (`from_dict` turns it into a ConfigError)."""
         if self.batch_size < 1 or self.concurrency < 1 or self.retries < 0:
             raise ValueError("batch_size and concurrency must be >= 1, retries >= 0")
         if self.timeout_s <= 0 or self.backoff_s < 0:
@@ -69,6 +71,9 @@ class LLMConfig:
     runtime: TextRuntimeConfig = field(default_factory=TextRuntimeConfig)
 
     def validate(self) -> None:
+        """Raise ValueError unless temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0, max_new_tokens,
+        attempts and tensor_parallel_size >= 1, examples >= 0 and `chat_template_kwargs` is a mapping.
+        `runtime` validates itself when the recipe is read; `model` is checked by the section using it."""
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0")
         if min(self.max_new_tokens, self.attempts, self.tensor_parallel_size) < 1 or self.examples < 0:
@@ -79,6 +84,8 @@ class LLMConfig:
 
 @dataclass
 class CaptionsConfig:
+    """`captions`: where source captions come from (shapes scenes, a caption file or dataset, or an LLM);
+    built by `datagen.captions.build_captions` (`datagen.text.sources` for file, hf_disk, llm)."""
     source: Literal["shapes", "file", "hf_disk", "llm"] = "shapes"
     # shapes: scenes described with a phrase set
     phrases: Literal["train", "heldout"] = "train"
@@ -101,6 +108,9 @@ class CaptionsConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def validate(self) -> None:
+        """Raise ValueError unless 1 <= min_objects <= max_objects <= 9, `path` is set for source file /
+        hf_disk, topics (or topics_file) and `llm.model` are set for source llm, 0 < near_threshold <= 1,
+        reserve >= 1 and max_words >= 0. The file itself is not opened here."""
         if not 1 <= self.min_objects <= self.max_objects <= 9:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= 9, got "
                              f"{self.min_objects}..{self.max_objects}")
@@ -116,6 +126,8 @@ class CaptionsConfig:
 
 @dataclass
 class EditsConfig:
+    """`edits`: the backend that writes the modification text and the target caption (rules, keywords or an
+    LLM)."""
     # rules: shapes-world scene edits; keywords: term substitution in real captions (no model);
     # transformers / vllm / openai: an LLM writes (instruction, edited caption)
     backend: Literal["rules", "keywords", "transformers", "vllm", "openai"] = "rules"
@@ -127,6 +139,8 @@ class EditsConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def validate(self) -> None:
+        """Raise ValueError unless `types` names at least one known edit type (`EDIT_TYPES`), an LLM backend
+        has `llm.model`, and both word limits are >= 1. `types` is checked for every backend."""
         bad = [t for t in self.types if t not in EDIT_TYPES]
         if bad or not self.types:
             raise ValueError(f"types: unknown edit type {bad[0]!r}; known: {list(EDIT_TYPES)}"
@@ -167,6 +181,8 @@ class DiffusionConfig:
     safety_checker: bool = False    # load the model's NSFW checker (flagged pairs: image_nsfw)
 
     def validate(self) -> None:
+        """Raise ValueError unless every range is [low, high] with low <= high (guidance scales in [0, 100],
+        `share_fraction` in [0, 1]), steps, edit_steps, samples_per_prompt, pairs_per_call >= 1, retries >= 0."""
         _check_range("guidance", self.guidance, 0.0, 100.0)
         _check_range("share_fraction", self.share_fraction, 0.0, 1.0)
         _check_range("edit_guidance", self.edit_guidance, 0.0, 100.0)
@@ -177,6 +193,8 @@ class DiffusionConfig:
 
 @dataclass
 class ImagesConfig:
+    """`images`: the image backend (shapes renderer or diffusers), output size and format; `diffusion`
+    is used only by the diffusers backends."""
     backend: Literal["shapes", "diffusers-paired", "diffusers-edit"] = "shapes"
     resolution: int = 128
     format: Literal["png", "jpeg", "webp"] = "jpeg"
@@ -189,6 +207,8 @@ class ImagesConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def validate(self) -> None:
+        """Raise ValueError unless 16 <= resolution <= 2048 pixels, and a multiple of 8 for a diffusers
+        backend (the VAE downsamples by 8)."""
         if not 16 <= self.resolution <= 2048:
             raise ValueError(f"resolution: {self.resolution} is outside 16..2048")
         if self.backend.startswith("diffusers") and self.resolution % 8:
@@ -197,11 +217,15 @@ class ImagesConfig:
 
 @dataclass
 class QualityConfig:
+    """`quality`: the tier name (selects `filters.clip.tiers`, stored in each record's `quality`) and the
+    injected generator failure rates."""
     tier: str = "high"
     # Probability that a triplet carries each generator failure (see datagen.world.editor).
     failure_rates: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Raise ValueError for a failure name not in `FAILURES`, a rate outside [0, 1], or rates adding
+        up to more than 1."""
         for k, v in self.failure_rates.items():
             if k not in FAILURES:
                 raise ValueError(f"failure_rates: unknown failure {k!r}; known: {list(FAILURES)}")
@@ -213,6 +237,7 @@ class QualityConfig:
 
 @dataclass
 class TextFilterConfig:
+    """`filters.text`: rejects empty or over-long modification texts and no-op edits (`datagen.filters.TextFilter`)."""
     enabled: bool = True
     max_words: int = 40            # longer instructions are rejected as over-long
 
@@ -230,6 +255,7 @@ class ClipThresholds:
     instr_tgt: float | None = None  # instruction vs target image (CompoDiff LLM branch: 0.2)
 
     def validate(self) -> None:
+        """Raise ValueError for a threshold that is set and outside [-1, 1] (not a cosine)."""
         for k, v in vars(self).items():
             if v is not None and not -1.0 <= v <= 1.0:
                 raise ValueError(f"{k}: {v} is not a cosine in [-1, 1]")
@@ -237,6 +263,8 @@ class ClipThresholds:
 
 @dataclass
 class ClipFilterConfig:
+    """`filters.clip`: CLIP-score filtering of triplets with InstructPix2Pix-style thresholds
+    (`datagen.filters.ClipFilter`)."""
     enabled: bool = False
     model: str = "ViT-L-14"         # any open_clip model name, or shapes-clip
     pretrained: str | None = "openai"   # tag or local weights file; null = shipped (shapes-clip)
@@ -270,12 +298,14 @@ class ContaminationConfig:
     clip_threshold: float | None = None  # also reject at CLIP cosine >= this (filters.clip's model)
 
     def validate(self) -> None:
+        """Raise ValueError when enabled with no `galleries`; the folders are not checked here."""
         if self.enabled and not self.galleries:
             raise ValueError("enabled needs at least one folder in galleries")
 
 
 @dataclass
 class FiltersConfig:
+    """`filters`: the text, CLIP, contamination and dedupe filters (reject order, `build_filters`)."""
     text: TextFilterConfig = field(default_factory=TextFilterConfig)
     clip: ClipFilterConfig = field(default_factory=ClipFilterConfig)
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
@@ -284,18 +314,21 @@ class FiltersConfig:
 
 @dataclass
 class PipelineConfig:
+    """`pipeline`: how the run is cut into work units and batches and how many processes run them."""
     unit_size: int = 500           # kept triplets per work unit (= per shard)
     batch_size: int = 100          # candidates per stage call; changes the data only with an
                                    # in-process LLM (transformers, vllm): then part of the hash
     workers: int = 0               # processes; 0 = one per CPU core; does not change the data
 
     def validate(self) -> None:
+        """Raise ValueError unless unit_size and batch_size are >= 1 and workers >= 0."""
         if self.unit_size < 1 or self.batch_size < 1 or self.workers < 0:
             raise ValueError("unit_size and batch_size must be >= 1, workers >= 0")
 
 
 @dataclass
 class GenRecipe(RecipeProse):
+    """A generation recipe (`recipes/gen/*.yaml`, kind gen): the whole `cirgen triplets` configuration."""
     kind: Literal["gen"] = "gen"
     name: str = "shapes-high"
     seed: int = 0
@@ -356,10 +389,15 @@ class GenRecipe(RecipeProse):
         return d
 
     def hash(self) -> str:
+        """16 hex digits of SHA-256 over `identity()` (`stable_hash`): equal hashes, same records."""
         return stable_hash(self.identity())
 
 
 def load_gen_recipe(name_or_path: str = "shapes-high", overrides: list[str] | None = None) -> GenRecipe:
+    """A `GenRecipe` from a shipped name (`recipes/gen/`) or a YAML path, with `key.path=value` overrides.
+
+    Raises ConfigError for a missing recipe, malformed YAML, a `kind` other than gen, an unknown key or
+    wrong type, or a value `validate()` refuses (the message names the file and the dotted key)."""
     path = resolve_recipe_path(name_or_path, "gen")
     kind = read_yaml(path).get("kind", "gen")
     if kind != "gen":

@@ -107,6 +107,8 @@ _JSON_NAMES = {str: "string", int: "integer", dict: "object"}
 
 
 def shard_path(out: Path, unit: int, rejects: bool = False) -> Path:
+    """Where unit `unit`'s kept shard (`out/shards/NNNNNN.parquet`) or, with `rejects`, its rejects shard
+    (`out/rejects/NNNNNN.parquet`) lives; the path only, nothing is checked."""
     return out / ("rejects" if rejects else "shards") / f"{unit:06d}.parquet"
 
 
@@ -203,6 +205,7 @@ class DatasetLayout:
 
     @property
     def target_n(self) -> int:
+        """Planned number of kept triplets (run.json's `n`)."""
         return self.run["n"]
 
     @property
@@ -211,6 +214,7 @@ class DatasetLayout:
         return not (self.missing or self.unfinished or self.damaged)
 
     def incomplete_lines(self) -> list[str]:
+        """Lines for what is missing (the first with planned/present counts) and unfinished; damage not included."""
         planned = len(self.units)
         return ([f"{p}: missing ({len(self.missing)} of {planned} planned shards absent; "
                  f"{self.rows} of {self.target_n} rows present)" for p in self.missing[:1]]
@@ -430,14 +434,20 @@ class TripletReader:
 
     def iter_batches(self, columns: list[str] | None = None, rejects: bool = False,
                      batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        """Stream `columns` (None: all) of the checked shards in unit order, up to `batch_size` rows a batch
+        (a column a shard lacks is left out of its batches by pyarrow). Raises DatasetError for damaged
+        rejects or an unreadable file."""
         for path in self.shard_paths(rejects):
             yield from read_batches(path, columns, batch_size)
 
     def iter_records(self, columns: list[str] | None = None, rejects: bool = False) -> Iterator[dict]:
+        """One dict per row (column name -> Python value; images as {bytes, path}); errors as `iter_batches`."""
         for batch in self.iter_batches(columns, rejects):
             yield from batch.to_pylist()
 
     def table(self, columns: list[str] | None = None, rejects: bool = False) -> pa.Table:
+        """Every checked shard in one in-memory arrow table (an empty table when there are none).
+        Raises DatasetError for damaged rejects, an unreadable file or a column a shard lacks."""
         import pyarrow.parquet as pq
 
         paths = self.shard_paths(rejects)

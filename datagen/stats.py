@@ -92,7 +92,8 @@ class UnitStats(Counts):
 
 @dataclass
 class Criterion:
-    """One filter criterion over the candidates it scored: `pass_rate` is None when it scored none."""
+    """One filter criterion over the candidates it scored: `pass_rate` (passed / evaluated, a fraction in
+    [0, 1]) is None when it scored none."""
     evaluated: int
     passed: int
     pass_rate: float | None
@@ -147,7 +148,8 @@ class DatasetStats(Counts):
                    criteria: Mapping[str, tuple[int, int]]) -> "DatasetStats":
         """Sum the units. Each unit comes with the device each stage ran on in it (one device per
         stage per unit: a unit runs in one process); `criteria` maps each `pass_*` column to
-        (candidates evaluated, passed) over the whole dataset."""
+        (candidates evaluated, passed) over the whole dataset. Rates and `yield_` are fractions in
+        [0, 1] rounded to 4 decimals; budget times are seconds (per-triplet ones divide by at least 1)."""
         total = cls()
         seconds = {s: 0.0 for s in STAGES}
         by_device: dict[str, float] = {}
@@ -205,7 +207,8 @@ class DatasetStats(Counts):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DatasetStats":
-        """From stats.json's object; fields an older cirgen did not write take their defaults."""
+        """From stats.json's object; fields an older cirgen did not write take their defaults.
+        A value of the wrong type raises TypeError, ValueError or AttributeError."""
         budget = d.get("budget")
         return cls(
             **cls._counts_from(d, required=False),

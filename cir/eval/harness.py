@@ -45,8 +45,9 @@ class RetrievalModel(typing.Protocol):
         ...
 
     def encode_queries(self, ref_paths: list[Path], prompts: list[str]) -> torch.Tensor:
-        """[Q, D] composed-query features; each prompt has `$` where the reference's pseudo-word
-        goes (no `$` under template "none")."""
+        """[Q, D] composed-query features, one per (reference path, prompt); each prompt is a
+        `QueryPrompt` (the pseudo-word's position kept apart from the text) or, under template
+        "none", a plain string (`Protocol.prompt`)."""
         ...
 
     def prompt_problems(self, prompts: list[str]) -> dict[int, str]:
@@ -70,6 +71,8 @@ class EvalOptions:
 
 @dataclass
 class EvalResult:
+    """What `evaluate` returns: metrics in percent by name (`R@10`, `Rs@1`, `mAP@10`, `mAP@10_<aspect>`,
+    FashionIQ `<category>_R@10`, `avg`), gallery size per task, integrity report, seconds per phase."""
     dataset: str
     split: str
     model: str
@@ -84,9 +87,11 @@ class EvalResult:
     rankings: dict[str, list[str]] = field(default_factory=dict)
 
     def describe(self) -> str:
+        """The protocol line for this result's dataset (`Protocol.describe`)."""
         return self.protocol.describe(self.dataset)
 
     def to_dict(self) -> dict:
+        """results.json's object: metrics (percent) rounded to 4 decimals, seconds to 3; rankings left out."""
         return {"dataset": self.dataset, "split": self.split, "model": self.model,
                 "metrics": {k: round(v, 4) for k, v in self.metrics.items()},
                 "n_queries": self.n_queries, "gallery_size": self.gallery_size,
@@ -95,6 +100,8 @@ class EvalResult:
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "notes": self.notes}
 
     def table(self) -> str:
+        """What the CLI prints: the header, the protocol line, integrity notes, the metrics (percent,
+        2 decimals; FashionIQ as a category grid) and the submission files."""
         gal = ", ".join(f"{k} {v}" for k, v in self.gallery_size.items())
         lines = [f"{self.dataset} {self.split} | model {self.model} | {self.n_queries} queries | gallery {gal}",
                  self.describe()]
@@ -171,7 +178,11 @@ def _check_features(x: torch.Tensor, n: int, what: str, model: str) -> torch.Ten
 
 @torch.no_grad()
 def encode_queries(model: RetrievalModel, task: Task, prompts: list[list[str]], batch: int) -> torch.Tensor:
-    """One feature per query: multi-prompt queries are the renormalised mean of their prompts."""
+    """One feature per query: multi-prompt queries are the renormalised mean of their prompts
+    (FashionIQ `both`, as SEARLE, protocols.md §1.4). `batch`: prompts per `model.encode_queries` call.
+
+    Returns [Q, D] float32 L2-normalised rows on the CPU, Q = len(task.queries) ([0, 0] when there
+    are no prompts). Raises EvalError when the model returns features not of shape [n, D] or non-finite."""
     flat_refs, flat_prompts, owner = [], [], []
     for i, (q, ps) in enumerate(zip(task.queries, prompts)):
         for p in ps:
@@ -202,7 +213,8 @@ def evaluate(model: RetrievalModel, dataset: str, root: str | Path, split: str =
     CLI reads it before loading the model, so annotation errors come first); None reads it here.
     Errors: `EvalError` (one line) for a bad protocol or split, an unlabelled split without a
     submission folder, bad images or unencodable queries unless `missing="drop"`, and features of
-    the wrong shape; `DeviceError` for a device this machine lacks, before any work."""
+    the wrong shape; `DeviceError` for a device this machine lacks, before any work. Also EvalError
+    for a model whose `preprocess_mode` differs from `protocol.preprocess` and when no query is left."""
     options = options or EvalOptions()
     # 1. Check the request before reading anything: device, protocol, split.
     resolve_device(options.device)         # a GPU this machine lacks: DeviceError now, not mid-ranking
@@ -398,7 +410,9 @@ def _write_submission(kind: str, name: str, task: Task, ranked: dict, subsets: d
 # ----------------------------------------------------------------------------- results files
 
 def write_results(result: EvalResult, out_dir: str | Path) -> list[Path]:
-    """`results.json` (everything) and `results.csv` (one row per metric), written atomically."""
+    """`results.json` (everything but rankings) and `results.csv` (one row per metric, percent, 4 decimals),
+    written atomically into `out_dir` (created if absent: a plain OSError when it cannot be). Raises
+    MachineError when a file cannot be written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()

@@ -34,6 +34,8 @@ CIRCO_TEXTS = {
 
 @dataclass
 class Protocol:
+    """The `protocol` of an evaluation: one field per choice of protocols.md §5 (the comments carry its
+    numbers); built by `build_protocol` and recorded with every result (`describe`, `to_dict`)."""
     # 1. FashionIQ caption joining: order of the two captions and whether they are stripped.
     fiq_order: Literal["c1c2", "c2c1", "both"] = "c2c1"   # TSCIR/Pic2Word: one pass, c2 first; both = two
                                                          # passes, features averaged (SEARLE)
@@ -64,6 +66,9 @@ class Protocol:
     split: Literal["val", "test"] = "val"
 
     def validate(self) -> None:
+        """Raise ValueError for a `template` or `circo_text` that `template_text` / `circo_text` refuse, a
+        `depth` outside 50..1000 (the CIRR and CIRCO servers read the top 50, protocols.md §2.4, §3.3) or a
+        `target_ratio` below 1; `from_dict` turns it into a ConfigError."""
         template_text(self.template)
         circo_text(self.circo_text)
         if not 50 <= self.depth <= 1000:
@@ -72,7 +77,8 @@ class Protocol:
             raise ValueError(f"target_ratio must be >= 1, got {self.target_ratio}")
 
     def template_for(self, dataset: str | None = None) -> str:
-        """The template text used for `dataset` (`auto` resolves per benchmark; CIRR's without one)."""
+        """The template text used for `dataset` (`auto` resolves per benchmark as the TSCIR released code's
+        `test_*_stage2.sh`, tscir.md "Evaluation prompts"; CIRR's without one). ValueError as `template_text`."""
         name = self.template
         if name == "auto":
             name = AUTO_TEMPLATES.get(_kind(dataset) or "cirr", "that")
@@ -80,7 +86,8 @@ class Protocol:
 
     def prompt(self, body: str, dataset: str | None = None) -> "QueryPrompt | str":
         """The query text for `body`: a QueryPrompt (placeholder position kept apart from the
-        text) or, for a template without a placeholder (`none`), the plain string."""
+        text) or, for a template without a placeholder (`none`), the plain string. Raises PromptError
+        when the template has more than one placeholder before its `{}`, ValueError as `template_text`."""
         from cir.prompts import PromptError, fill_template
 
         template = self.template_for(dataset)
@@ -92,6 +99,8 @@ class Protocol:
             return template.replace("{}", body)
 
     def summary_name(self) -> str:
+        """The CIRR single-number summary's name: (R@5+Rs@1)/2, the common one, or (R@1+Rs@1)/2,
+        CompoDiff's (protocols.md §2.3)."""
         return "(R@5+Rs@1)/2" if self.cirr_summary == "r5" else "(R@1+Rs@1)/2"
 
     def describe(self, dataset: str | None = None) -> str:
@@ -114,6 +123,7 @@ class Protocol:
         return "protocol: " + ", ".join(parts)
 
     def to_dict(self) -> dict:
+        """Every choice as a plain dict (the `protocol` entry of results.json)."""
         return asdict(self)
 
 
@@ -124,6 +134,8 @@ def _kind(dataset: str | None) -> str | None:
 
 
 def template_text(template: str) -> str:
+    """The template string for a name in `TEMPLATES` or a custom template (`auto` is returned as is:
+    `Protocol.template_for` resolves it). Raises ValueError unless the text has exactly one `{}`."""
     if template == "auto":
         return template
     text = TEMPLATES.get(template, template)
@@ -134,6 +146,8 @@ def template_text(template: str) -> str:
 
 
 def circo_text(name: str) -> str:
+    """The CIRCO query body for a name in `CIRCO_TEXTS` (protocols.md §3.4) or a custom format string.
+    Raises ValueError unless the text contains `{relative_caption}`."""
     text = CIRCO_TEXTS.get(name, name)
     if "{relative_caption}" not in text:
         raise ValueError(f"circo_text {name!r}: expected one of {sorted(CIRCO_TEXTS)} or a format "
@@ -142,7 +156,10 @@ def circo_text(name: str) -> str:
 
 
 def build_protocol(overrides: list[str] | tuple[str, ...] = (), base: Protocol | None = None) -> Protocol:
-    """Protocol from `key=value` overrides (an optional `protocol.` prefix is accepted)."""
+    """Protocol from `key=value` overrides (an optional `protocol.` prefix is accepted) on `base` (default:
+    `Protocol()`). `template`, `circo_text`, `backbone` and `tokenizer` are kept verbatim, the others parsed
+    as YAML. Raises ConfigError for an item without `=`, an unknown key, a wrong type or a value
+    `Protocol.validate` refuses."""
     from datagen.base.config import ConfigError, apply_overrides, from_dict
 
     data = asdict(base or Protocol())

@@ -32,7 +32,10 @@ def recipes_root() -> Path:
 
 
 def resolve_recipe_path(name_or_path: str, kind: str) -> Path:
-    """A path as given, or a shipped recipe by name (`shapes-high` -> recipes/gen/shapes-high.yaml)."""
+    """A path as given, or a shipped recipe by name (`shapes-high` -> recipes/gen/shapes-high.yaml).
+
+    A name ending in .yaml/.yml, or an existing path, is a path. Raises ConfigError for a .yaml path that
+    does not exist, or a name with no shipped recipe of `kind` (the message lists the known names)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
@@ -46,7 +49,10 @@ def resolve_recipe_path(name_or_path: str, kind: str) -> Path:
 
 
 def load_recipe(cls, name_or_path: str, folder: str, overrides: list[str] | None = None):
-    """Any recipe dataclass from a shipped name (recipes/<folder>/) or a path, with overrides."""
+    """Any recipe dataclass from a shipped name (recipes/<folder>/) or a path, with overrides.
+
+    Raises ConfigError (naming the file) for a missing recipe, unreadable or malformed YAML, a bad
+    override, an unknown key, a wrong type or a value the dataclass's `validate()` refuses."""
     path = resolve_recipe_path(name_or_path, folder)
     data = apply_overrides(read_yaml(path), list(overrides or []))
     try:
