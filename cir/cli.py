@@ -78,7 +78,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
 @click.option("--quality", type=click.Choice(["high", "low"]), default=None,
               help="Shortcut for --recipe shapes-high / shapes-low.")
 @click.option("--seed", type=int, default=None, help="Seed (default: the recipe's).")
-@click.option("--workers", type=int, default=None, help="Processes (default: one per CPU core).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes; 0 = one per CPU core (default: the recipe's pipeline.workers).")
 @click.option("--shard", default=None, metavar="I/N", help="Run only work units u with u % N == I.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run work units on Ray actors (GPU actors for model stages); no ADDRESS = a local "

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from datagen.base.errors import InputError, InputNotFound
-from datagen.base.io import write_atomic, write_atomic_with
+from datagen.base.io import read_json, write_atomic, write_atomic_with
 
 from .adapters import ComposeConfig, Composer
 from .clip import CIRClip
@@ -162,7 +162,7 @@ def load_run(path: str | Path, device: "str | torch.device" = "auto", use_compos
     meta_path = path / "model.json"
     if not meta_path.exists():
         raise InputNotFound(f"{path}: not a cirgen model run (no model.json)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, dict, ConfigError, "a cirgen model description")
     if meta.get("format") != MODEL_FORMAT:
         raise ConfigError(f"{meta_path}: format {meta.get('format')!r}; this cirgen reads {MODEL_FORMAT!r} "
                           "(retrain the run with this version)")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from datagen.base.device import resolve_device
-from datagen.base.config import ConfigError, stable_hash, to_dict
+from datagen.base.io import read_json, write_atomic
+from datagen.base.config import ConfigError, at_least, stable_hash, to_dict
 from datagen.base.recipes import RecipeProse, load_recipe
 
 from .clip import CIRClip
@@ -74,7 +75,7 @@ class Stage1Loss:
 class Stage1Eval:
     """The `eval` section of a stage-I recipe: the held-out shapes check `evaluate_mapping` runs after
     training (shapes data only)."""
-    scenes: int = 1000                # shapes: held-out scenes for `a photo of *` retrieval
+    scenes: int = at_least(5, 1000)   # shapes: held-out scenes for `a photo of *` retrieval (R@5 needs 5)
     seed: int = 4242
 
 
@@ -145,7 +146,7 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
         if evaluate_after and recipe.data.source == "shapes":
             result["eval"] = evaluate_mapping(model, recipe.eval.scenes, recipe.eval.seed, recipe.loss.prompt)
             log(json.dumps(result["eval"]))
-        (out / "result.json").write_text(json.dumps(result, indent=2))
+        write_atomic(out / "result.json", json.dumps(result, indent=2))
     return result
 
 
@@ -158,9 +159,9 @@ def _claim_run_folder(recipe: Stage1Recipe, out: Path, resume: bool, rank: int) 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         prev = out / "recipe.json"
-        if prev.exists() and json.loads(prev.read_text())["hash"] != rhash and resume:
+        if prev.exists() and resume and read_json(prev, dict, ConfigError).get("hash") != rhash:
             raise ConfigError(f"{out}: --resume with a different recipe (hash mismatch); use a new --out")
-        prev.write_text(json.dumps({"hash": rhash, "recipe": to_dict(recipe)}, indent=2))
+        write_atomic(prev, json.dumps({"hash": rhash, "recipe": to_dict(recipe)}, indent=2))
     return rhash
 
 
@@ -255,12 +256,15 @@ def evaluate_mapping(model: CIRModel, n_scenes: int = 1000, seed: int = 4242, pr
     (description-level). Reported next to the image->image upper reference.
 
     Returns `pseudo_r1`, `pseudo_r5`, `image_to_image_r1` and `pseudo_r1_by_objects` (R@1 per object
-    count 1..4) as fractions in [0, 1], 4 decimals; cirgen's own check. RuntimeError (topk) when `n_scenes` < 5."""
+    count 1..4) as fractions in [0, 1], 4 decimals; cirgen's own check. ValueError when
+    `n_scenes` < 5 (R@5 needs five gallery images)."""
     from datagen.world.render import render
     from datagen.world.scene import sample_scene
 
     model.eval()
     clip, dev = model.clip, model.device
+    if n_scenes < 5:
+        raise ValueError(f"n_scenes must be >= 5 for R@5, got {n_scenes}")
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, 1, 4, split="heldout") for _ in range(n_scenes)]
     q_imgs = [render(s, int(rng.integers(2**31))) for s in scenes]

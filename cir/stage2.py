@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from datagen.base.device import resolve_device
+from datagen.base.io import read_json, write_atomic
 from datagen.base.config import ConfigError, stable_hash, to_dict
 from datagen.base.recipes import RecipeProse, load_recipe
 
@@ -148,7 +149,7 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
     # 5. Save.
     if not last.get("stopped") and rank == 0:
         model.save(out, {"stage": 2, "recipe_hash": rhash, "stage1": str(stage1), "triplets": len(trip)})
-        (out / "result.json").write_text(json.dumps(result, indent=2))
+        write_atomic(out / "result.json", json.dumps(result, indent=2))
     return result
 
 
@@ -176,7 +177,7 @@ def _stage1_meta(stage1: Path) -> dict:
     meta = stage1 / "model.json"
     if not meta.exists():
         raise ConfigError(f"{stage1}: not a stage-I run (no model.json)")
-    return json.loads(meta.read_text())
+    return read_json(meta, dict, ConfigError, "a stage-I run's model description")
 
 
 def _claim_run_folder(recipe: Stage2Recipe, stage1: Path, out: Path, resume: bool, rank: int) -> str:
@@ -189,9 +190,9 @@ def _claim_run_folder(recipe: Stage2Recipe, stage1: Path, out: Path, resume: boo
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         prev = out / "recipe.json"
-        if resume and prev.exists() and json.loads(prev.read_text())["hash"] != rhash:
+        if resume and prev.exists() and read_json(prev, dict, ConfigError).get("hash") != rhash:
             raise ConfigError(f"{out}: --resume with a different recipe or stage-I run; use a new --out")
-        prev.write_text(json.dumps({"hash": rhash, "recipe": to_dict(recipe), "stage1": str(stage1)}, indent=2))
+        write_atomic(prev, json.dumps({"hash": rhash, "recipe": to_dict(recipe), "stage1": str(stage1)}, indent=2))
     return rhash
 
 

@@ -186,54 +186,53 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
     t0, last = time.time(), {}
     per_rank = cfg.batch_size // world
     epoch = step // steps_per_epoch
-    while step < total:
-        epoch = step // steps_per_epoch
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_items)
-        extra = (on_epoch_start(epoch) or {}) if on_epoch_start else {}
-        if extra and mf:
-            mf.write(json.dumps({"epoch": epoch, "step": step, **extra}) + "\n")
-        for b in range(step % steps_per_epoch, steps_per_epoch):
-            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * per_rank:(rank + 1) * per_rank]
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, total, cfg)
-            (train_mode or torch.nn.Module.train)(module)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, metrics = loss_fn(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
-            opt.step()
-            step += 1
-            last = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": _lr(step - 1, total, cfg),
-                    **{k: float(v) for k, v in metrics.items()}}
-            if gnorm is not None:
-                last["grad_norm"] = float(gnorm)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if mf and (step % cfg.log_every == 0 or step == total):
-                mf.write(json.dumps({**last, "seconds": round(time.time() - t0, 2)}) + "\n")
-                mf.flush()
-                if tb:
-                    for k, v in last.items():
-                        tb.add_scalar(k, v, step)
-            if step % cfg.ckpt_every == 0 or step == total or step == cfg.stop_after:
-                _checkpoint(module, opt, step, ck, rank, world, save_file)
-            if cfg.stop_after is not None and step >= cfg.stop_after:
-                bar.close()
-                if mf:
-                    mf.close()
-                return {**last, "stopped": True}
-    bar.close()
-    if mf:
-        mf.close()
-    if tb:
-        tb.close()
+    try:
+        while step < total:
+            epoch = step // steps_per_epoch
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(n_items)
+            extra = (on_epoch_start(epoch) or {}) if on_epoch_start else {}
+            if extra and mf:
+                mf.write(json.dumps({"epoch": epoch, "step": step, **extra}) + "\n")
+            for b in range(step % steps_per_epoch, steps_per_epoch):
+                batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * per_rank:(rank + 1) * per_rank]
+                for g in opt.param_groups:
+                    g["lr"] = _lr(step, total, cfg)
+                (train_mode or torch.nn.Module.train)(module)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, metrics = loss_fn(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if world > 1:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
+                opt.step()
+                step += 1
+                last = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": _lr(step - 1, total, cfg),
+                        **{k: float(v) for k, v in metrics.items()}}
+                if gnorm is not None:
+                    last["grad_norm"] = float(gnorm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if mf and (step % cfg.log_every == 0 or step == total):
+                    mf.write(json.dumps({**last, "seconds": round(time.time() - t0, 2)}) + "\n")
+                    mf.flush()
+                    if tb:
+                        for k, v in last.items():
+                            tb.add_scalar(k, v, step)
+                if step % cfg.ckpt_every == 0 or step == total or step == cfg.stop_after:
+                    _checkpoint(module, opt, step, ck, rank, world, save_file)
+                if cfg.stop_after is not None and step >= cfg.stop_after:
+                    return {**last, "stopped": True}
+    finally:      # also when stop_after ends the run or a step raises
+        bar.close()
+        if mf:
+            mf.close()
+        if tb:
+            tb.close()
     return last
 
 

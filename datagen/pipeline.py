@@ -114,8 +114,9 @@ def generate(recipe: GenRecipe, out: str | Path, n: int, seed: int | None = None
     # 5. Run the missing units: in this process, a process pool or on Ray, with a progress bar.
     t0 = time.time()
     if todo:
-        _run_units(recipe, seed, out, todo, workers, progress, n, n - sum(c for _, c in p.todo),
-                   ray_address, p.num_units, log)
+        left = sum(c for _, c in todo)         # the bar counts the whole dataset, or this shard's part
+        total, before = (n, n - left) if shard is None else (left, 0)
+        _run_units(recipe, seed, out, todo, workers, progress, total, before, ray_address, p.num_units, log)
     else:
         log(f"{out}: all {p.num_units} work units are complete; nothing to do")
     # 6. Every unit complete? (Other processes may share the folder.)
@@ -201,8 +202,8 @@ def _run_units(recipe: GenRecipe, seed: int, out: Path, todo: list[tuple[int, in
     """Step 5 of `generate`: run the `todo` units (unit index, triplet count) in this process
     (`workers` 1), a process pool or on Ray, with a progress bar over kept triplets."""
     if ray_address is None:
-        workers = workers if workers is not None else (recipe.pipeline.workers or os.cpu_count() or 1)
-        workers = max(1, min(workers, len(todo)))
+        workers = recipe.pipeline.workers if workers is None else workers
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))     # 0 = one per CPU core
         log(f"{out}: {len(todo)} of {num_units} work units to run "
             f"({done_before} triplets already there), {workers} worker(s)")
     else:

@@ -350,8 +350,6 @@ def validate_dataset(root: str | Path) -> DatasetLayout:
 
     Raises DatasetError only when run.json itself cannot be used (see `read_run`).
     """
-    # The plan and the file names are the writer's own (imported here: they import this module).
-
     root = Path(root)
     run = read_run(root)
     size = run["recipe"]["pipeline"]["unit_size"]

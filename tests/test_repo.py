@@ -175,3 +175,23 @@ def test_every_python_package_is_listed_for_installation():
     found = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("datagen", "cir")
              for p in (ROOT / pkg).rglob("__init__.py")}
     assert found - listed == set()
+
+
+def test_every_public_function_and_class_has_a_docstring():
+    """Public = not `_`-prefixed, at module level or in a public class (methods, properties,
+    `forward`, `validate` and config dataclasses included)."""
+    import ast
+
+    missing = []
+    for pkg in ("datagen", "cir"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            def walk(node, prefix=""):
+                for c in ast.iter_child_nodes(node):
+                    if isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+                            and not c.name.startswith("_"):
+                        if not ast.get_docstring(c):
+                            missing.append(f"{path.relative_to(ROOT)}:{c.lineno} {prefix}{c.name}")
+                        if isinstance(c, ast.ClassDef):
+                            walk(c, f"{c.name}.")
+            walk(ast.parse(path.read_text()))
+    assert missing == []
