@@ -27,7 +27,7 @@ import torch
 
 from datagen.base.device import resolve_device
 from datagen.base.io import read_json, write_atomic
-from datagen.base.config import ConfigError, at_least, stable_hash, to_dict
+from datagen.base.config import ConfigError, stable_hash, to_dict
 from datagen.base.recipes import RecipeProse, load_recipe
 
 from .clip import CIRClip
@@ -75,8 +75,13 @@ class Stage1Loss:
 class Stage1Eval:
     """The `eval` section of a stage-I recipe: the held-out shapes check `evaluate_mapping` runs after
     training (shapes data only)."""
-    scenes: int = at_least(5, 1000)   # shapes: held-out scenes for `a photo of *` retrieval (R@5 needs 5)
+    scenes: int = 1000                # shapes: held-out scenes for `a photo of *` retrieval; 0 = off
     seed: int = 4242
+
+    def validate(self) -> None:
+        """Raise ValueError for 1..4 scenes (R@5 needs five gallery images) or a negative count."""
+        if self.scenes < 0 or 0 < self.scenes < 5:
+            raise ValueError(f"scenes must be 0 (off) or >= 5 (R@5 needs five gallery images), got {self.scenes}")
 
 
 @dataclass
@@ -143,7 +148,7 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
     # 5. Save, and on the shapes world check `a photo of *` retrieval on held-out scenes.
     if rank == 0:
         model.save(out, {"stage": 1, "recipe_hash": rhash})
-        if evaluate_after and recipe.data.source == "shapes":
+        if evaluate_after and recipe.data.source == "shapes" and recipe.eval.scenes:
             result["eval"] = evaluate_mapping(model, recipe.eval.scenes, recipe.eval.seed, recipe.loss.prompt)
             log(json.dumps(result["eval"]))
         write_atomic(out / "result.json", json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """CLIP scores for filtering and best-of-k: image-image, image-text, text-text and directional.
 
-Conventions (generation.md §1.3, apis.md §4.5): raw float32 cosines (not `100*cos`, not clamped),
+Conventions (InstructPix2Pix's CLIP filter, Brooks et al., CVPR 2023): raw float32 cosines (not `100*cos`, not clamped),
 features L2-normalised *before* any difference is taken, so directional similarity is IP2P's
 `cos(E_img1 - E_img0, E_txt1 - E_txt0)`. A zero difference (identical images or captions) gives 0,
 as `torch.nn.functional.cosine_similarity` does, never NaN.

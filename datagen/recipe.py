@@ -246,7 +246,7 @@ class TextFilterConfig:
 class ClipThresholds:
     """Minimum raw cosines; a criterion set to null is scored and stored but never rejects.
 
-    Defaults are InstructPix2Pix's for OpenAI CLIP ViT-L/14 (generation.md §1.3). Another CLIP
+    Defaults are InstructPix2Pix's for OpenAI CLIP ViT-L/14 (InstructPix2Pix, Brooks et al., CVPR 2023). Another CLIP
     (e.g. shapes-CLIP) has another score scale: calibrate (datagen.calibrate) before trusting them.
     """
     img_img: float | None = 0.7     # cos(E_ref, E_tgt)

@@ -15,7 +15,7 @@ def test_recall_at_k_counts_target_in_first_k():
 
 
 def test_average_precision_doc_example_three_gts_in_top_three():
-    # protocols.md: "A query with 3 GTs, all in the top 3, scores 1.0 at every K".
+    # CIRCO's mAP@K (Baldrati et al., ICCV 2023): a query with 3 GTs, all in the top 3, scores 1.0 at every K.
     for k in (5, 10, 25, 50):
         assert M.average_precision_at_k(["g1", "g2", "g3", "x"], ["g3", "g1", "g2"], k) == pytest.approx(1.0)
 

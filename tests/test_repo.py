@@ -195,3 +195,17 @@ def test_every_public_function_and_class_has_a_docstring():
                             walk(c, f"{c.name}.")
             walk(ast.parse(path.read_text()))
     assert missing == []
+
+
+def test_code_and_recipes_cite_no_document_outside_the_repository():
+    """The design notes the project was started from are not shipped: code, tests and recipes cite
+    the paper or the public code instead (a reader cannot open `protocols.md §5`)."""
+    notes = ("tscir.md", "protocols.md", "design.md", "generation.md", "apis.md", "peers.md")
+    dangling = []
+    for ext in ("py", "yaml", "sh"):
+        for path in ROOT.rglob(f"*.{ext}"):
+            if {".git", "runs"} & set(path.parts) or any(p.startswith(".venv") for p in path.parts):
+                continue
+            text = path.read_text(errors="replace")
+            dangling += [f"{path.relative_to(ROOT)}: {n}" for n in notes if n in text and path.name != "test_repo.py"]
+    assert dangling == []

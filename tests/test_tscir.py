@@ -1,4 +1,4 @@
-"""TSCIR modules and losses checked against the released code's description (shared docs tscir.md)
+"""TSCIR modules and losses checked against the released code's description (github.com/LiJiaBei-7/TSCIR)
 on a tiny randomly initialised 12-block open_clip model, and every loss term against a direct
 computation on small hand-made tensors."""
 from __future__ import annotations

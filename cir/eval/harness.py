@@ -179,7 +179,7 @@ def _check_features(x: torch.Tensor, n: int, what: str, model: str) -> torch.Ten
 @torch.no_grad()
 def encode_queries(model: RetrievalModel, task: Task, prompts: list[list[str]], batch: int) -> torch.Tensor:
     """One feature per query: multi-prompt queries are the renormalised mean of their prompts
-    (FashionIQ `both`, as SEARLE, protocols.md §1.4). `batch`: prompts per `model.encode_queries` call.
+    (FashionIQ `both`, as SEARLE's released code). `batch`: prompts per `model.encode_queries` call.
 
     Returns [Q, D] float32 L2-normalised rows on the CPU, Q = len(task.queries) ([0, 0] when there
     are no prompts). Raises EvalError when the model returns features not of shape [n, D] or non-finite."""

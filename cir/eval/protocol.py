@@ -1,4 +1,6 @@
-"""Every protocol choice that differs between published ZS-CIR evaluations (protocols.md §5).
+"""Every protocol choice that differs between published ZS-CIR evaluations (CIRR: Liu et al., ICCV 2021;
+CIRCO: Baldrati et al., ICCV 2023; FashionIQ: Wu et al., CVPR 2021; and the released code of SEARLE,
+LinCIR, CompoDiff and TSCIR).
 
 One `Protocol` travels with each evaluation; `describe()` is printed next to every number so a
 result always says how it was obtained. Defaults are the common choice (SEARLE/LinCIR), except
@@ -34,7 +36,7 @@ CIRCO_TEXTS = {
 
 @dataclass
 class Protocol:
-    """The `protocol` of an evaluation: one field per choice of protocols.md §5 (the comments carry its
+    """The `protocol` of an evaluation: one field per choice that differs between published evaluations (the comments carry its
     numbers); built by `build_protocol` and recorded with every result (`describe`, `to_dict`)."""
     # 1. FashionIQ caption joining: order of the two captions and whether they are stripped.
     fiq_order: Literal["c1c2", "c2c1", "both"] = "c2c1"   # TSCIR/Pic2Word: one pass, c2 first; both = two
@@ -67,7 +69,7 @@ class Protocol:
 
     def validate(self) -> None:
         """Raise ValueError for a `template` or `circo_text` that `template_text` / `circo_text` refuse, a
-        `depth` outside 50..1000 (the CIRR and CIRCO servers read the top 50, protocols.md §2.4, §3.3) or a
+        `depth` outside 50..1000 (the CIRR and CIRCO evaluation servers read the top 50) or a
         `target_ratio` below 1; `from_dict` turns it into a ConfigError."""
         template_text(self.template)
         circo_text(self.circo_text)
@@ -78,7 +80,7 @@ class Protocol:
 
     def template_for(self, dataset: str | None = None) -> str:
         """The template text used for `dataset` (`auto` resolves per benchmark as the TSCIR released code's
-        `test_*_stage2.sh`, tscir.md "Evaluation prompts"; CIRR's without one). ValueError as `template_text`."""
+        `test_*_stage2.sh`, github.com/LiJiaBei-7/TSCIR; CIRR's without one). ValueError as `template_text`."""
         name = self.template
         if name == "auto":
             name = AUTO_TEMPLATES.get(_kind(dataset) or "cirr", "that")
@@ -100,7 +102,7 @@ class Protocol:
 
     def summary_name(self) -> str:
         """The CIRR single-number summary's name: (R@5+Rs@1)/2, the common one, or (R@1+Rs@1)/2,
-        CompoDiff's (protocols.md §2.3)."""
+        CompoDiff's (Gu et al., 2024)."""
         return "(R@5+Rs@1)/2" if self.cirr_summary == "r5" else "(R@1+Rs@1)/2"
 
     def describe(self, dataset: str | None = None) -> str:
@@ -146,7 +148,7 @@ def template_text(template: str) -> str:
 
 
 def circo_text(name: str) -> str:
-    """The CIRCO query body for a name in `CIRCO_TEXTS` (protocols.md §3.4) or a custom format string.
+    """The CIRCO query body for a name in `CIRCO_TEXTS` (the published query formats) or a custom format string.
     Raises ValueError unless the text contains `{relative_caption}`."""
     text = CIRCO_TEXTS.get(name, name)
     if "{relative_caption}" not in text:

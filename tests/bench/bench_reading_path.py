@@ -3,7 +3,8 @@
 For `cirgen triplets`, `cirgen stage2` and `cirgen eval` (small, offline runs on the shapes world),
 it counts the project files (`datagen/`, `cir/`) that a reader following the command from the CLI
 to its output visits: the files with at least one function that runs (a profiler hook records
-every Python call); files only imported for a constant count separately. It also lists the
+every Python function call; module and class bodies run at import do not count); files only
+imported (for a constant, a class or an exception) count separately. It also lists the
 import circles among project modules, counting imports inside functions (lazy imports close
 circles too).
 
@@ -35,7 +36,8 @@ seen = set()
 def hook(frame, event, arg):
     if event == "call":
         f = frame.f_code.co_filename
-        if f.startswith(prefixes) and frame.f_code.co_name != "<module>":
+        # functions only: module and class bodies run at import (no CO_NEWLOCALS flag, 0x2)
+        if f.startswith(prefixes) and frame.f_code.co_flags & 0x2:
             seen.add(f[len(root) + 1:])
 sys.setprofile(hook); threading.setprofile(hook)
 def dump():
