@@ -124,10 +124,12 @@ def inspect(dataset, as_json, examples) -> None:
 
 
 @main.command("pretrain-clip")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help='Run folder for the weights, checkpoints and metrics.')
 @click.option("--recipe", default="shapes-clip", show_default=True,
               help="A name in recipes/train/ or a YAML path.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help='Override a recipe value.')
 def pretrain_clip(out, recipe, overrides) -> None:
     """Train shapes-CLIP from scratch on the shapes world (resumable: rerun to continue)."""
     from cir.shapes_clip import load_pretrain_recipe, pretrain
@@ -141,9 +143,11 @@ def pretrain_clip(out, recipe, overrides) -> None:
 @click.option("--weights", default=None, help="Weights file (default: the shipped shapes-CLIP).")
 @click.option("--model", "arch", default="shapes-clip", show_default=True,
               help="Architecture (a config in assets/shapes_clip/) the weights belong to.")
-@click.option("--scenes", default=1000, show_default=True)
+@click.option("--scenes", default=1000, show_default=True,
+              help='Held-out scenes to retrieve.')
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help='Print the metrics as JSON.')
 def eval_clip(weights, arch, scenes, device, as_json) -> None:
     """Measure shapes-CLIP on held-out scenes with held-out phrasing (retrieval and probes)."""
     from cir.shapes_clip import evaluate, pair_similarities
@@ -162,7 +166,8 @@ def eval_clip(weights, arch, scenes, device, as_json) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.option("--device", default=None, help=DEVICE_HELP + " Default: the recipe's clip.device (auto).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help='Override a recipe value (recipes/train/stage1-shapes.yaml shows every key).')
 def stage1(recipe, out, resume, device, overrides) -> None:
     """Stage I: train the token learner (+ VSI) that maps an image to pseudo-word tokens."""
     from cir.stage1 import load_stage1_recipe, run_stage1
@@ -199,9 +204,10 @@ def browse(datasets, out, no_rejects, thumb_size, title, as_json) -> None:
 @click.option("--model", "model_spec", required=True,
               help="image-only, text-only, sum (CLIP baselines) or a trained run folder.")
 @click.option("--dataset", type=click.Choice(["fashioniq", "cirr", "circo", "shapes-cirr", "shapes-circo"]),
-              required=True)
+              required=True, help="Benchmark (shapes-*: one `cirgen benchmark shapes` wrote).")
 @click.option("--root", type=click.Path(path_type=Path), required=True, help="Benchmark folder (official layout).")
-@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
+              help='Benchmark split (test: only with --submission, no targets).')
 @click.option("--submission", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for test-server files (required for test splits).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -263,11 +269,15 @@ def benchmark() -> None:
 
 
 @benchmark.command("shapes")
-@click.option("--format", "fmt", type=click.Choice(["cirr", "circo"]), required=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--format", "fmt", type=click.Choice(["cirr", "circo"]), required=True,
+              help='Official layout to write (CIRR or CIRCO).')
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help='Benchmark folder to write.')
 @click.option("--queries", type=int, default=1000, show_default=True, help="Queries per split.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resolution", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help='Seed of the held-out scenes and edits.')
+@click.option("--resolution", type=int, default=128, show_default=True,
+              help='Image side in pixels.')
 @click.option("--split", "splits", type=click.Choice(["val", "test"]), multiple=True,
               help="Splits to write (default: val; test has no targets, as on the servers).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
@@ -283,14 +293,18 @@ def benchmark_shapes(fmt, out, queries, seed, resolution, splits, overwrite) -> 
 @click.option("--recipe", default="stage2-shapes", show_default=True, help="A name in recipes/train/ or a YAML path.")
 @click.option("--triplets", type=click.Path(exists=True, path_type=Path), required=True,
               help="A cirgen dataset folder (or a TransAgg/CIRR JSON file with --set triplets.format=...).")
-@click.option("--stage1", "stage1_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--stage1", "stage1_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help='The stage-I run folder (what `cirgen stage1 --out` wrote).')
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
 @click.option("--max-triplets", type=int, default=None, help="Deterministic subsample of N triplets.")
 @click.option("--condition", "conditions", multiple=True, metavar="COND",
-              help="Train only on rows that meet it (stored columns), e.g. 'score_clip_dir>=0.2'.")
-@click.option("--resume", is_flag=True)
+              help="Train only on rows that meet it (a stored column), e.g. 'failure==none' or "
+                   "'score_clip_dir>=0.2' (datasets made with CLIP filters).")
+@click.option("--resume", is_flag=True,
+              help='Continue the run in --out from its last checkpoint (same recipe and stage-I run).')
 @click.option("--device", default=None, help=DEVICE_HELP + " Default: the recipe's device (auto).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help='Override a recipe value (recipes/train/stage2-shapes.yaml shows every key).')
 def stage2(recipe, triplets, stage1_run, out, max_triplets, conditions, resume, device, overrides) -> None:
     """Stage II: train composing adapters on self-made triplets with hard negatives."""
     from cir.stage2 import load_stage2_recipe, run_stage2
@@ -322,16 +336,20 @@ def study(recipe, out, overrides, device) -> None:
 
 
 @main.command()
-@click.option("--model", "model_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--model", "model_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help='A stage-II (or stage-I) run folder.')
 @click.option("--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Folder of images to search (features cached).")
-@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help='The reference image.')
 @click.option("--text", required=True, help="Modification text.")
-@click.option("--top-k", default=10, show_default=True)
+@click.option("--top-k", default=10, show_default=True,
+              help='How many gallery images to return.')
 @click.option("--prompt", default="a photo of * that {}", show_default=True,
               help="Query template: `*` is where the reference image's pseudo-word goes, `{}` the text.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help='Print the hits as JSON.')
 def search(model_run, gallery, image, text, top_k, prompt, device, as_json) -> None:
     """Composed retrieval: find gallery images matching (reference image, modification text)."""
     from cir.search import GalleryIndex

@@ -160,6 +160,8 @@ def load_run(path: str | Path, device: "str | torch.device" = "auto", use_compos
     device = device if isinstance(device, torch.device) else resolve_device(device)
     path = Path(path)
     meta_path = path / "model.json"
+    if not path.is_dir():
+        raise InputNotFound(f"{path}: no such run folder")
     if not meta_path.exists():
         raise InputNotFound(f"{path}: not a cirgen model run (no model.json)")
     meta = read_json(meta_path, dict, ConfigError, "a cirgen model description")

@@ -29,7 +29,7 @@ import torch
 
 from datagen.base.errors import InputError
 from datagen.base.device import resolve_device
-from datagen.base.io import write_atomic, write_atomic_with
+from datagen.base.io import read_json, write_atomic, write_atomic_with
 from datagen.base.clip_loader import (SHAPES_CLIP, LoadedClip, compact_state_dict, create_architecture,
                                  init_token_table)
 from datagen.world.editor import sample_edit
@@ -295,7 +295,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> Path:
         from datagen.base.config import from_dict
 
         # Filled with today's defaults, so a run written before an option existed still resumes.
-        prev = {k: v for k, v in asdict(from_dict(PretrainConfig, json.loads(cfg_path.read_text()))).items()
+        saved = read_json(cfg_path, dict, InputError, "a pretrain-clip run's config")
+        prev = {k: v for k, v in asdict(from_dict(PretrainConfig, saved)).items()
                 if k not in RUNTIME_KNOBS}
         if prev != ident:
             raise InputError(f"{out} holds a run with a different config; use a new --out")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from datagen.base.device import resolve_device
-from datagen.base.io import read_json, write_atomic
+from datagen.base.io import write_atomic
 from datagen.base.config import ConfigError, stable_hash, to_dict
 from datagen.base.recipes import RecipeProse, load_recipe
 
@@ -36,7 +36,7 @@ from .features import FeatureCache, Features
 from .losses import caption_soft_alignment, contrastive, logit_scale, soft_text_alignment
 from .mapping import MappingConfig
 from .model import DEFAULT_PROMPT, CIRModel
-from .train import TrainConfig, fit, init_distributed, rank_device
+from .train import TrainConfig, claim_run_folder, fit, init_distributed, rank_device
 from .views import ViewsConfig, make_view, view_seed
 
 
@@ -112,7 +112,7 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
     checkpoints/, result.json). Returns the result dict (`train`: the last epoch's metrics,
     `feature_seconds`, `images_encoded`, `skipped`, and `eval` from `evaluate_mapping` on shapes data).
     Errors: DeviceError for a `clip.device` this machine lacks (before anything is written),
-    ConfigError for a `--resume` with another recipe, DataError for unusable data (or counted skips
+    InputError for an `out` holding a run without `--resume` (or another recipe with it), DataError for unusable data (or counted skips
     with bad_rows=skip)."""
     out = Path(out)
     dev = resolve_device(recipe.clip.device)         # a GPU this machine lacks: an error before any write
@@ -150,8 +150,8 @@ def run_stage1(recipe: Stage1Recipe, out: str | Path, resume: bool = False, log=
         model.save(out, {"stage": 1, "recipe_hash": rhash})
         if evaluate_after and recipe.data.source == "shapes" and recipe.eval.scenes:
             result["eval"] = evaluate_mapping(model, recipe.eval.scenes, recipe.eval.seed, recipe.loss.prompt)
-            log(json.dumps(result["eval"]))
         write_atomic(out / "result.json", json.dumps(result, indent=2))
+        log(f"{out}: stage I model written (trained on {dev}); result.json holds the metrics")
     return result
 
 
@@ -162,11 +162,7 @@ def _claim_run_folder(recipe: Stage1Recipe, out: Path, resume: bool, rank: int) 
     ident.pop("decode_workers")
     rhash = stable_hash(ident)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        prev = out / "recipe.json"
-        if prev.exists() and resume and read_json(prev, dict, ConfigError).get("hash") != rhash:
-            raise ConfigError(f"{out}: --resume with a different recipe (hash mismatch); use a new --out")
-        write_atomic(prev, json.dumps({"hash": rhash, "recipe": to_dict(recipe)}, indent=2))
+        claim_run_folder(out, rhash, resume, {"recipe": to_dict(recipe)})
     return rhash
 
 

@@ -40,7 +40,7 @@ from .losses import (composed_contrastive, contrastive, hard_negative_infonce, l
                      soft_text_alignment)
 from .model import DEFAULT_PROMPT, CIRModel, load_run
 from .prompts import fill_template
-from .train import TrainConfig, fit, init_distributed, rank_device
+from .train import TrainConfig, claim_run_folder, fit, init_distributed, rank_device
 from .triplets import TripletsConfig, load_triplets
 
 
@@ -107,7 +107,8 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
                log=print) -> dict:
     """Train stage II from the stage-I run `stage1` into run folder `out`. Returns the result
     dict. Errors: DeviceError for a `device` this machine lacks (before anything is written),
-    ConfigError (not a stage-I run, a resume with another recipe, no triplets), DataError for unusable
+    ConfigError (not a stage-I run, no triplets), InputError (an `out` holding a run without --resume, or
+    another recipe with it), DataError for unusable
     triplets. Triplets without reference captions (TransAgg, CIRR) train
     without the soft alignment term, which the log and result.json say."""
     out = Path(out)
@@ -150,6 +151,7 @@ def run_stage2(recipe: Stage2Recipe, stage1: str | Path, out: str | Path, resume
     if not last.get("stopped") and rank == 0:
         model.save(out, {"stage": 2, "recipe_hash": rhash, "stage1": str(stage1), "triplets": len(trip)})
         write_atomic(out / "result.json", json.dumps(result, indent=2))
+        log(f"{out}: stage II model written (trained on {dev}); result.json holds the metrics")
     return result
 
 
@@ -173,11 +175,16 @@ def build_stage2_model(model: CIRModel, recipe: Stage2Recipe):
 
 
 def _stage1_meta(stage1: Path) -> dict:
-    """The stage-I run's model.json (ConfigError when `stage1` is not a stage-I run)."""
+    """The stage-I run's model.json (ConfigError when `stage1` is not a stage-I run: no or an
+    unreadable model.json, or a run of another stage)."""
     meta = stage1 / "model.json"
     if not meta.exists():
         raise ConfigError(f"{stage1}: not a stage-I run (no model.json)")
-    return read_json(meta, dict, ConfigError, "a stage-I run's model description")
+    d = read_json(meta, dict, ConfigError, "a stage-I run's model description")
+    if d.get("stage", 1) != 1:
+        raise ConfigError(f"{stage1}: a stage-{d['stage']} run, not a stage-I run (--stage1 takes the "
+                          "folder `cirgen stage1 --out` wrote)")
+    return d
 
 
 def _claim_run_folder(recipe: Stage2Recipe, stage1: Path, out: Path, resume: bool, rank: int) -> str:
@@ -188,11 +195,7 @@ def _claim_run_folder(recipe: Stage2Recipe, stage1: Path, out: Path, resume: boo
     ident["stage1"] = _stage1_meta(stage1)
     rhash = stable_hash(ident)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        prev = out / "recipe.json"
-        if resume and prev.exists() and read_json(prev, dict, ConfigError).get("hash") != rhash:
-            raise ConfigError(f"{out}: --resume with a different recipe or stage-I run; use a new --out")
-        write_atomic(prev, json.dumps({"hash": rhash, "recipe": to_dict(recipe), "stage1": str(stage1)}, indent=2))
+        claim_run_folder(out, rhash, resume, {"recipe": to_dict(recipe), "stage1": str(stage1)})
     return rhash
 
 

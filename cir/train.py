@@ -25,8 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from datagen.base.config import ConfigError
 from datagen.base.errors import InputError
-from datagen.base.io import write_atomic, write_atomic_with
+from datagen.base.io import read_json, write_atomic, write_atomic_with
 
 
 @dataclass
@@ -156,6 +157,10 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
         log(f"{n_items} items is less than one batch: batch_size {cfg.batch_size} (all items every step)")
     steps_per_epoch = n_items // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
+    if total <= cfg.warmup_steps and rank == 0:
+        # Legitimate (a small cell of a data study), but a short run that barely moves should say so.
+        log(f"all {total} steps are inside the warm-up (train.warmup_steps={cfg.warmup_steps}): the learning "
+            f"rate never reaches train.lr={cfg.lr:g}; more epochs or a shorter warm-up train more")
     opt = make_optimizer(params, cfg)
     step = 0
     torch.manual_seed(cfg.seed * 1000 + rank)
@@ -234,6 +239,25 @@ def fit(module: torch.nn.Module, params: list[torch.nn.Parameter], n_items: int,
         if tb:
             tb.close()
     return last
+
+
+def claim_run_folder(out: Path, rhash: str, resume: bool, record: dict) -> None:
+    """Make `out` this run's folder and record the run's identity in recipe.json
+    (`{"hash": rhash, **record}`).
+
+    A folder that already holds a run (recipe.json or model.json, of any stage) is taken only with
+    `resume` and only when it is the same run (same hash): a finished model is never overwritten
+    by accident. Errors: InputError (one line) for a folder holding a run without `resume`, or a
+    `resume` of another recipe or stage-I run; ConfigError for an unreadable recipe.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    prev = out / "recipe.json"
+    if not resume and (prev.exists() or (out / "model.json").exists()):
+        raise InputError(f"{out} already holds a run: pass --resume to continue it (same recipe), "
+                         "or use a new --out")
+    if resume and prev.exists() and read_json(prev, dict, ConfigError).get("hash") != rhash:
+        raise InputError(f"{out}: --resume with a different recipe or stage-I run (hash mismatch); "
+                         "use a new --out")
+    write_atomic(prev, json.dumps({"hash": rhash, **record}, indent=2))
 
 
 def _cut_metrics(path: Path, step: int) -> None:

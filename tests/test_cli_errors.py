@@ -111,3 +111,16 @@ def test_benchmark_and_search_problems(tmp_path):
     img.write_bytes(b"not read")
     assert_one_error_line(["search", "--model", str(tmp_path / "g"), "--gallery", str(tmp_path / "g"),
                            "--image", str(img), "--text", "x"], "no images")
+
+
+def test_every_option_of_every_command_says_what_it_is():
+    import click
+
+    from cir.cli import main
+
+    missing = []
+    for name, cmd in main.commands.items():
+        subs = cmd.commands.items() if isinstance(cmd, click.Group) else [(name, cmd)]
+        for sub, c in subs:
+            missing += [f"{sub} --{p.name}" for p in c.params if isinstance(p, click.Option) and not p.help]
+    assert missing == []

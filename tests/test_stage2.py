@@ -217,3 +217,28 @@ def test_triplets_without_reference_captions_train_without_the_soft_term(tmp_pat
         assert "soft text alignment term off: 2 of 2 triplets have no reference caption" in r.stderr
         res = json.loads((tmp_path / f"s2-{name}" / "result.json").read_text())
         assert res["triplets"] == 2 and res["soft_alignment"].startswith("off")
+
+
+def test_a_run_folder_is_never_overwritten_without_resume(triplet_dir, stage1_run, tmp_path):
+    out = tmp_path / "s2"
+    r = _stage2(triplet_dir, stage1_run, out)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "all 6 steps are inside the warm-up (train.warmup_steps=100)" in r.stderr   # 96 triplets, batch 32
+    kept = {p: (p / "model.safetensors").read_bytes() for p in (out, stage1_run / "run")}
+
+    again = _stage2(triplet_dir, stage1_run, out, "compose.rank=16")          # no --resume, another recipe
+    assert again.returncode != 0 and "already holds a run: pass --resume" in again.stderr
+    onto_stage1 = _stage2(triplet_dir, stage1_run, stage1_run / "run")       # --out = the stage-I run
+    assert onto_stage1.returncode != 0 and "already holds a run" in onto_stage1.stderr
+    stage1 = subprocess.run([sys.executable, "-m", "cir.cli", "stage1", "--out", str(out), "--set",
+                             "clip.random_init=true", "--set", "data.n=64"], capture_output=True, text=True,
+                            timeout=600)
+    assert stage1.returncode != 0 and "already holds a run" in stage1.stderr
+    for err in (again, onto_stage1, stage1):
+        assert err.stderr.count("\n") == 1 and "Traceback" not in err.stderr
+    assert {p: (p / "model.safetensors").read_bytes() for p in kept} == kept   # nothing was overwritten
+
+    cli = [sys.executable, "-m", "cir.cli", "stage2", "--triplets", str(triplet_dir), "--stage1", str(out),
+           "--out", str(tmp_path / "stacked")]
+    stacked = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert stacked.returncode != 0 and "a stage-2 run, not a stage-I run" in stacked.stderr
