@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from datagen.base.config import at_least
+
 from .blocks import check_block_spec, resolve_blocks
 
 
@@ -28,19 +30,17 @@ class ComposeConfig:
 
     mode: str = "low-rank"            # low-rank (TSCIR) | bottleneck | lora | full
     layers: list[int] | str = "every-other"    # see cir/blocks.py
-    rank: int = 128                   # low-rank adapter rank (released: 128)
-    init_std: float = 0.01            # low-rank: A, B ~ N(0, 1) x init_std (released: 0.01)
-    bottleneck: int = 64              # bottleneck adapter hidden width
-    lora_rank: int = 8
+    rank: int = at_least(1, 128)      # low-rank adapter rank (released: 128)
+    init_std: float = at_least(0.0, 0.01)   # low-rank: A, B ~ N(0, 1) x init_std (released: 0.01)
+    bottleneck: int = at_least(1, 64)  # bottleneck adapter hidden width
+    lora_rank: int = at_least(1, 8)
     lora_alpha: float = 16.0
 
     def validate(self) -> None:
-        """Check `mode`, `rank >= 1` and the `layers` spec (`check_block_spec`); ValueError
-        otherwise. The bottleneck and LoRA sizes are not checked."""
+        """Check `mode` and the `layers` spec (`check_block_spec`); ValueError otherwise (the sizes'
+        lower bounds are `at_least` on the fields)."""
         if self.mode not in ("low-rank", "bottleneck", "lora", "full"):
             raise ValueError(f"mode: {self.mode!r} is not one of low-rank, bottleneck, lora, full")
-        if self.rank < 1:
-            raise ValueError("rank must be >= 1")
         check_block_spec(self.layers, "layers")
 
 

@@ -94,6 +94,10 @@ class CIRModel(nn.Module):
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The weights a run saves, as detached contiguous CPU tensors: `mapping.*`, and
         `composer.*` (low-rank, bottleneck, lora) or, for `full`, the text tower's `clip.*`."""
+        return {k: v.detach().cpu().contiguous() for k, v in self._trained_tensors().items()}
+
+    def _trained_tensors(self) -> dict[str, torch.Tensor]:
+        """`trained_state`'s keys and the live tensors behind them (no copy)."""
         state = {f"mapping.{k}": v for k, v in self.mapping.state_dict().items()}
         if self.composer is not None:
             if self.composer.cfg.mode == "full":
@@ -102,7 +106,7 @@ class CIRModel(nn.Module):
                               if id(v) in keep})
             else:
                 state.update({f"composer.{k}": v for k, v in self.composer.state_dict().items()})
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        return state
 
     def save(self, run: str | Path, extra: dict | None = None) -> Path:
         """Write `run/model.safetensors` (`trained_state`) and `run/model.json` (format, CLIP spec
@@ -123,22 +127,22 @@ class CIRModel(nn.Module):
     def load_trained(self, path: str | Path) -> None:
         """Load a `model.safetensors` written by `save` into this model (built with the same configs).
 
-        Errors: InputError for a key this configuration does not have, or a tensor whose shape
-        differs; a `mapping.*` or `composer.*` key missing from the file is torch's RuntimeError
-        (strict `load_state_dict`). `clip.*` keys (full fine-tuning) load non-strictly."""
+        The file must hold exactly `trained_state`'s keys (for full fine-tuning: the text tower's
+        trained weights, never the image tower's). Errors: InputError for a key this configuration
+        does not have, a key it needs that the file lacks, or a tensor whose shape differs."""
         from safetensors.torch import load_file
 
         state = load_file(str(path))
-        own = {f"mapping.{k}": v for k, v in self.mapping.state_dict().items()}
-        if self.composer is not None:
-            own.update({f"composer.{k}": v for k, v in self.composer.state_dict().items()})
-            if self.composer.cfg.mode == "full":
-                own.update({f"clip.{k}": v for k, v in self.clip.clip.state_dict().items()})
+        own = self._trained_tensors()
         for k, v in state.items():
             if k not in own:
                 raise InputError(f"{path}: unexpected key {k!r} for this model configuration")
             if own[k].shape != v.shape:
                 raise InputError(f"{path}: key {k!r} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise InputError(f"{path}: {len(missing)} weight(s) this model configuration needs are missing "
+                             f"(first: {missing[0]!r})")
         self.mapping.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("mapping.")})
         if self.composer is not None and self.composer.cfg.mode != "full":
             self.composer.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("composer.")})

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from datagen.base.config import ConfigError
+from datagen.base.config import ConfigError, at_least
 from datagen.base.errors import InputError
 from datagen.base.io import read_json, write_atomic, write_atomic_with
 
@@ -36,28 +36,26 @@ class TrainConfig:
     settings of `fit`."""
 
     seed: int = 0
-    epochs: int = 5
-    batch_size: int = 256             # global batch (split across DDP ranks)
+    epochs: int = at_least(1, 5)
+    batch_size: int = at_least(1, 256)   # global batch (split across DDP ranks)
     lr: float = 1e-4                  # TSCIR (`src/params.py`): 1e-4
     weight_decay: float = 0.1         # TSCIR: 0.1, not applied to norms and biases
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])   # AdamW (TSCIR / CLIP)
     eps: float = 1e-6
     decay_norms_and_biases: bool = False   # true: weight decay on every parameter (cirgen's first design)
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
+    warmup_steps: int = at_least(0, 50)
+    grad_clip: float = at_least(0.0, 1.0)   # max gradient norm; 0 = off
     amp: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     grad_checkpointing: bool = False
-    ckpt_every: int = 100             # steps
-    log_every: int = 10
+    ckpt_every: int = at_least(1, 100)   # steps
+    log_every: int = at_least(1, 10)
     tensorboard: bool = False
-    threads: int = 0                  # torch CPU threads (0 = leave as is)
-    stop_after: int | None = None     # stop (as if interrupted) after this many steps; for tests
+    threads: int = at_least(0, 0)     # torch CPU threads (0 = leave as is)
+    stop_after: int | None = at_least(1, None)   # stop (as if interrupted) after this many steps; for tests
 
     def validate(self) -> None:
-        """Raise ValueError unless batch_size and epochs are >= 1, `amp` is auto, bf16 or fp32 and `betas` has
-        two numbers (`from_dict` turns it into a ConfigError). Other fields are not checked."""
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("batch_size and epochs must be >= 1")
+        """Raise ValueError unless `amp` is auto, bf16 or fp32 and `betas` has two numbers (`from_dict`
+        turns it into a ConfigError; the counts' lower bounds are `at_least` on the fields)."""
         if self.amp not in ("auto", "bf16", "fp32"):
             raise ValueError("amp must be auto, bf16 or fp32")
         if len(self.betas) != 2:

@@ -17,6 +17,7 @@ from cir.clip import CIRClip, inject_pseudo_tokens
 from cir.mapping import MappingConfig
 from cir.model import CIRModel
 from cir.prompts import PromptError, QueryPrompt
+from datagen.base.errors import InputError
 
 PROMPTS = ["a photo of $ that is red and large", "hello world", "a small red circle at the top left on a "
            "white background and a large blue star in the center", "$"]
@@ -189,6 +190,36 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     m2 = CIRModel(clip, MappingConfig(vsi=False, n_tokens=2))
     with pytest.raises(ValueError, match="token_learner"):
         m2.load_trained(tmp_path / "run" / "model.safetensors")
+
+
+def test_a_trained_weights_file_must_hold_exactly_the_trained_keys(tmp_path):
+    """Missing weights are one line (not torch's RuntimeError); full fine-tuning loads the text
+    tower only: image-tower keys in the file are refused, not silently loaded."""
+    from safetensors.torch import load_file, save_file
+
+    from cir.adapters import ComposeConfig
+
+    clip = CIRClip.load("shapes-clip", random_init=True)
+    m = CIRModel(clip, MappingConfig(vsi=False))
+    m.save(tmp_path / "run")
+    state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    first = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != first}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(InputError, match=rf"short.safetensors: 1 weight\(s\) .* missing \(first: '{first}'\)"):
+        m.load_trained(tmp_path / "short.safetensors")
+
+    full = CIRModel(clip, MappingConfig(vsi=False))
+    full.clip.freeze()
+    full.add_composer(ComposeConfig(mode="full"))
+    full.save(tmp_path / "full")
+    state = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert state and not any(k.startswith("clip.visual.") for k in state)
+    full.load_trained(tmp_path / "full" / "model.safetensors")              # its own file loads
+    visual = next(k for k in clip.clip.state_dict() if k.startswith("visual."))
+    state[f"clip.{visual}"] = clip.clip.state_dict()[visual].contiguous()
+    save_file(state, str(tmp_path / "with_visual.safetensors"))
+    with pytest.raises(InputError, match="unexpected key 'clip.visual"):
+        full.load_trained(tmp_path / "with_visual.safetensors")
 
 
 def test_parquet_and_webdataset_sources(tmp_path):

@@ -166,3 +166,13 @@ def test_circo_layout_without_coco_folder(tmp_path):
     b = load_benchmark("circo", tmp_path, "test")
     assert not b.labelled and b.tasks[0].paths["6"] == tmp_path / "unlabeled2017" / "000000000006.jpg"
     assert find_bad_images(b, "decode") == {}
+
+
+def test_a_folder_of_another_benchmark_names_the_right_dataset(tmp_path):
+    fiq, cirr, circo = _fiq(tmp_path / "fiq"), make_cirr(tmp_path / "cirr"), make_circo(tmp_path / "circo")
+    for dataset, root, right in [("cirr", circo, "circo"), ("circo", cirr, "cirr"), ("fashioniq", cirr, "cirr"),
+                                 ("cirr", fiq, "fashioniq"), ("shapes-cirr", circo, "shapes-circo")]:
+        with pytest.raises(EvalError, match=rf"not .* layout: pass --dataset {right}$"):
+            load_benchmark(dataset, root)
+    for dataset, root in [("fashioniq", fiq), ("cirr", cirr), ("circo", circo)]:    # each reads as itself
+        assert load_benchmark(dataset, root).n_queries > 0

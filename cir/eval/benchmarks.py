@@ -82,6 +82,11 @@ def load_benchmark(dataset: str, root: str | Path, split: str = "val",
     if not root.is_dir():
         raise EvalError(f"{root}: benchmark folder not found")
     kind = dataset.removeprefix("shapes-")
+    other = _looks_like(root)
+    if other is not None and other != kind and kind in DATASETS:
+        raise EvalError(f"{root}: a {other.upper() if other != 'fashioniq' else 'FashionIQ'} folder, not "
+                        f"{kind.upper() if kind != 'fashioniq' else 'FashionIQ'}'s layout: pass --dataset "
+                        f"{dataset.replace(kind, other)}")
     if kind == "fashioniq":
         return load_fashioniq(root, split, protocol)
     if kind == "cirr":
@@ -89,6 +94,20 @@ def load_benchmark(dataset: str, root: str | Path, split: str = "val",
     if kind == "circo":
         return load_circo(root, split)
     raise EvalError(f"unknown dataset {dataset!r}; expected one of {DATASETS} (or shapes-cirr, shapes-circo)")
+
+
+def _looks_like(root: Path) -> str | None:
+    """The benchmark whose layout `root` unmistakably has (one kind's marker files only), else None:
+    CIRR's `image_splits/split.rc2.*.json` (at root or root/cirr), CIRCO's `annotations/<split>.json`,
+    FashionIQ's `captions/cap.<dress|shirt|toptee>.*.json`."""
+    def has(*patterns: str) -> bool:
+        return any(any(root.glob(p)) for p in patterns)
+
+    marks = {"cirr": has("image_splits/split.rc2.*.json", "cirr/image_splits/split.rc2.*.json"),
+             "circo": has(*(f"annotations/{s}.json" for s in CIRCO_SPLITS)),
+             "fashioniq": has("captions/cap.dress.*.json", "captions/cap.shirt.*.json", "captions/cap.toptee.*.json")}
+    found = [k for k, v in marks.items() if v]
+    return found[0] if len(found) == 1 else None
 
 
 # ----------------------------------------------------------------------------- file helpers
