@@ -19,7 +19,6 @@ from _emit import emit  # noqa: E402
 
 import argparse
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -151,8 +150,6 @@ def main(argv=None) -> dict:
             f"first_render_le_{TARGET_RENDER_S:g}s": (None if args.no_browser else
                                                      result["browser"]["first_render_seconds"] <= TARGET_RENDER_S),
         }
-        result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                             "platform": platform.platform()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return emit(result, args.json_out)

@@ -21,8 +21,6 @@ _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
 from _emit import emit  # noqa: E402
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -111,7 +109,6 @@ def main(argv=None) -> dict:
         "target_ratio": TARGET,
         "meets_target": med_cpu["paired"] / med_cpu["plain"] <= TARGET,
         "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
     return emit(result, args.json_out)
 

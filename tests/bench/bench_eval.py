@@ -18,11 +18,10 @@ import os as _os
 import sys as _sys
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
-from _emit import emit  # noqa: E402
+from _emit import emit, machine  # noqa: E402
 
 import argparse
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -114,10 +113,7 @@ def main(argv=None) -> dict:
                       "rss_start": round(rss0, 1), "rss_after_load": round(rss_loaded, 1),
                       "peak_rss": round(peak, 1), "peak_over_loaded": round(peak - rss_loaded, 1)},
         "target_seconds": 5.0,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average": [round(x, 2) for x in os.getloadavg()],
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform()},
+        "machine": machine(torch_threads=torch.get_num_threads(), torch=torch.__version__),
     }
     return emit(result, args.json_out)
 

@@ -20,7 +20,6 @@ from _emit import emit  # noqa: E402
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -110,7 +109,6 @@ def main(argv=None) -> dict:
         "runs": runs, "peak_rss_mb": peak,
         "above_imports_mb": {k: round(v - base, 1) for k, v in peak.items() if k != "imports_only"},
         "rss_ratio_all_vs_subsample": round(peak["all"] / peak["subsample"], 2),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
     if not args.out:
         shutil.rmtree(root.parent, ignore_errors=True)

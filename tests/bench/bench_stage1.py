@@ -14,10 +14,9 @@ import os as _os
 import sys as _sys
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
-from _emit import emit  # noqa: E402
+from _emit import emit, machine  # noqa: E402
 
 import argparse
-import platform
 import resource
 import sys
 import time
@@ -83,7 +82,7 @@ def main(argv=None) -> dict:
               "speedup_cached_vs_recompute": round(res["recompute"]["seconds_per_step"]
                                                    / res["cached"]["seconds_per_step"], 2),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-              "machine": {"python": platform.python_version(), "torch_threads": torch.get_num_threads()}}
+              "machine": machine(torch_threads=torch.get_num_threads())}
     return emit(result, args.json_out)
 
 

@@ -24,11 +24,9 @@ import os as _os
 import sys as _sys
 
 _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
-from _emit import emit  # noqa: E402
+from _emit import emit, machine  # noqa: E402
 
 import argparse
-import os
-import platform
 import resource
 import statistics
 import time
@@ -166,10 +164,8 @@ def main(argv=None) -> dict:
         "text_params": text_params, "tokens_per_step": tokens_per_step, "results": results,
         "target_ratio_full_vs_bare": 1.10,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average": [round(x, 2) for x in os.getloadavg()],
-                    "gpu": torch.cuda.get_device_name() if cuda else None,
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine(torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                           gpu=torch.cuda.get_device_name() if cuda else None),
     }
     return emit(result, args.json_out)
 

@@ -15,8 +15,6 @@ _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
 from _emit import emit  # noqa: E402
 
 import argparse
-import os
-import platform
 import resource
 import shutil
 import sys
@@ -58,7 +56,6 @@ def main(argv=None) -> dict:
         "peak_rss_mb": {"main": round(self_kb / 1024, 1), "largest_worker": round(child_kb / 1024, 1),
                         "upper_bound_total": round((self_kb + args.workers * child_kb) / 1024, 1)},
         "dataset_mb": round(size / 2**20, 1),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
     if not args.out:
         shutil.rmtree(tmp.parent, ignore_errors=True)
